@@ -1,0 +1,252 @@
+#include "scheduler.h"
+
+#include <c10/util/Exception.h>
+
+namespace zerocomm {
+
+SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
+                             std::shared_ptr<Communicator> comm,
+                             int64_t timeout_ms)
+    : comm_(std::move(comm)), timeout_(timeout_ms), stream_(std::move(stream)) {
+  TORCH_CHECK_VALUE(timeout_ms > 0, "timeout must be positive, got ",
+                    timeout_ms, " ms");
+}
+
+SyncScheduler::~SyncScheduler() {
+  // Outstanding collectives finish (or time out) before buffers go away.
+  try {
+    if (last_ && !aborted_) last_->synchronize(timeout_, "close");
+  } catch (...) {
+    comm_->abort();
+  }
+}
+
+int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
+                                        std::vector<at::Tensor> copy_in,
+                                        std::vector<int64_t> in_offsets,
+                                        std::vector<at::Tensor> copy_out,
+                                        std::vector<int64_t> out_offsets,
+                                        int root, std::string label) {
+  TORCH_CHECK_VALUE(root >= kAllGather && root < comm_->size(), "bucket ",
+                    label, ": root ", root, " is not a rank of a group of ",
+                    comm_->size());
+  TORCH_CHECK_VALUE(root != kAllGather || flat.numel() % comm_->size() == 0,
+                    "bucket ", label, ": all-gather buffer of ", flat.numel(),
+                    " elements does not split over ", comm_->size(), " ranks");
+  auto numels = [](const std::vector<at::Tensor>& ts) {
+    std::vector<int64_t> n;
+    for (const auto& t : ts) n.push_back(t.numel());
+    return n;
+  };
+  auto b = std::make_shared<Bucket>();
+  b->in_layout = FlatLayout::explicit_offsets(
+      std::move(in_offsets), numels(copy_in), flat.numel(), flat.scalar_type());
+  b->out_layout = FlatLayout::explicit_offsets(std::move(out_offsets),
+                                               numels(copy_out), flat.numel(),
+                                               flat.scalar_type());
+  check_tensors(copy_in, b->in_layout, flat, label.c_str());
+  check_tensors(copy_out, b->out_layout, flat, label.c_str());
+  b->flat = std::move(flat);
+  b->copy_in = std::move(copy_in);
+  b->copy_out = std::move(copy_out);
+  b->root = root;
+  b->label = std::move(label);
+  std::lock_guard<std::mutex> lock(mu_);
+  params_.push_back(std::move(b));
+  return static_cast<int64_t>(params_.size()) - 1;
+}
+
+int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
+                                       std::vector<int64_t> offsets,
+                                       std::vector<int64_t> numels, int root,
+                                       std::string label) {
+  TORCH_CHECK_VALUE(root >= kAllReduce && root < comm_->size(), "bucket ",
+                    label, ": bad reduction root ", root);
+  TORCH_CHECK_VALUE(root != kReduceScatter ||
+                        (shard.defined() &&
+                         shard.numel() * comm_->size() == flat.numel()),
+                    "bucket ", label, ": reduce-scatter needs a shard of ",
+                    flat.numel() / comm_->size(), " elements");
+  auto b = std::make_shared<Bucket>();
+  b->in_layout = FlatLayout::explicit_offsets(
+      std::move(offsets), std::move(numels), flat.numel(), flat.scalar_type());
+  b->flat = std::move(flat);
+  b->shard = std::move(shard);
+  b->root = root;
+  b->label = std::move(label);
+  std::lock_guard<std::mutex> lock(mu_);
+  grads_.push_back(std::move(b));
+  return static_cast<int64_t>(grads_.size()) - 1;
+}
+
+std::shared_ptr<Event> SyncScheduler::enqueue_traced(
+    const std::string& label, std::function<void()> fn) {
+  std::shared_ptr<Event> begin;
+  if (tracing_) begin = stream_->record();
+  stream_->enqueue(std::move(fn));
+  auto end = stream_->record();
+  if (tracing_) spans_.push_back({"comm", label, begin, end});
+  last_ = end;
+  return end;
+}
+
+void SyncScheduler::launch(const std::vector<int64_t>& order) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!aborted_, "zerocomm: the communicator was aborted after an "
+              "error; close() this handle and attach again");
+  comm_->check_error();
+  // Nothing below may touch parameters before the optimizer step that
+  // produced them (and every forward/backward read before it) is done.
+  stream_->wait(stream_->record_current(), timeout_, "the optimizer step");
+  for (int64_t i : order) {
+    TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(params_.size()),
+                      "launch: no parameter bucket ", i);
+    auto b = params_[i];
+    auto comm = comm_;
+    b->done = enqueue_traced(b->label, [b, comm] {
+      if (!b->copy_in.empty()) flatten(b->copy_in, b->in_layout, b->flat);
+      if (b->root == kAllGather) comm->all_gather(b->flat);
+      else comm->broadcast(b->flat, b->root);
+      if (!b->copy_out.empty()) unflatten(b->flat, b->copy_out, b->out_layout);
+    });
+  }
+}
+
+void SyncScheduler::wait_event(std::shared_ptr<Event> ev,
+                               const std::string& what,
+                               const std::string& trace_label) {
+  if (!ev) return;
+  comm_->check_error();
+  std::shared_ptr<Event> begin;
+  const bool tracing = tracing_;
+  if (tracing) begin = stream_->record_current();
+  ev->block_current(timeout_, what);
+  if (tracing) {
+    auto end = stream_->record_current();
+    std::lock_guard<std::mutex> lock(mu_);
+    spans_.push_back({"wait", trace_label, begin, end});
+  }
+}
+
+void SyncScheduler::wait_param(int64_t i) {
+  std::shared_ptr<Bucket> b;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(params_.size()),
+                      "no parameter bucket ", i);
+    b = params_[i];
+  }
+  wait_event(b->done, "parameter sync of bucket " + std::to_string(i) +
+                          " (" + b->label + ")", b->label);
+}
+
+void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
+                                 bool average) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!aborted_, "zerocomm: the communicator was aborted");
+  TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(grads_.size()),
+                    "no gradient bucket ", i);
+  auto b = grads_[i];
+  check_tensors(grads, b->in_layout, b->flat, b->label.c_str());
+  // The grads were produced on the compute stream (autograd's): wait for it.
+  stream_->wait(stream_->record_current(), timeout_, "backward");
+  for (const auto& g : grads) stream_->keep_alive(g);
+  auto comm = comm_;
+  b->done = enqueue_traced(b->label, [b, comm, grads, average] {
+    flatten(grads, b->in_layout, b->flat);
+    if (b->root == kReduceScatter) comm->reduce_scatter(b->flat, b->shard, average);
+    else if (b->root == kAllReduce) comm->all_reduce(b->flat, average);
+    else comm->reduce(b->flat, b->root, average);
+  });
+}
+
+void SyncScheduler::wait_grad(int64_t i) {
+  std::shared_ptr<Bucket> b;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(grads_.size()),
+                      "no gradient bucket ", i);
+    b = grads_[i];
+  }
+  wait_event(b->done, "gradient reduction of bucket " + std::to_string(i) +
+                          " (" + b->label + ")", b->label);
+}
+
+void SyncScheduler::synchronize() {
+  std::shared_ptr<Event> last;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    last = last_;
+  }
+  wait_event(last, "all outstanding syncs", "synchronize");
+}
+
+void SyncScheduler::host_synchronize() {
+  std::shared_ptr<Event> last;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    last = last_;
+  }
+  comm_->check_error();
+  if (last) last->synchronize(timeout_, "all outstanding syncs");
+  comm_->check_error();
+}
+
+void SyncScheduler::check() {
+  comm_->check_error();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (last_) last_->query();  // rethrows a failed task's error
+}
+
+void SyncScheduler::abort() {
+  std::lock_guard<std::mutex> lock(mu_);
+  aborted_ = true;
+  comm_->abort();
+}
+
+void SyncScheduler::set_tracing(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  tracing_ = on;
+  if (on && !origin_) origin_ = stream_->record_current();
+}
+
+int64_t SyncScheduler::trace_begin(std::string lane, std::string label) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!tracing_) return -1;
+  spans_.push_back({std::move(lane), std::move(label),
+                    stream_->record_current(), nullptr});
+  return static_cast<int64_t>(spans_.size()) - 1;
+}
+
+void SyncScheduler::trace_end(int64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (id < 0 || id >= static_cast<int64_t>(spans_.size())) return;
+  spans_[id].end = stream_->record_current();
+}
+
+std::vector<TraceRow> SyncScheduler::trace() {
+  std::vector<Span> spans;
+  std::shared_ptr<Event> origin;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    spans = spans_;
+    origin = origin_;
+  }
+  std::vector<TraceRow> rows;
+  if (!origin) return rows;
+  for (auto& s : spans) {
+    if (!s.begin || !s.end) continue;
+    s.end->synchronize(timeout_, "trace span " + s.label);
+    rows.emplace_back(s.lane, s.label, s.begin->elapsed_since(*origin),
+                      s.end->elapsed_since(*origin));
+  }
+  return rows;
+}
+
+void SyncScheduler::clear_trace() {
+  std::lock_guard<std::mutex> lock(mu_);
+  spans_.clear();
+  origin_ = tracing_ ? stream_->record_current() : nullptr;
+}
+
+}  // namespace zerocomm

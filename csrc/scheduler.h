@@ -1,0 +1,106 @@
+// The sync scheduler: everything zerocomm puts on its comm stream, in order.
+// Parameter sync: wait "step done" -> per bucket: copy-in -> broadcast or
+// all-gather -> copy-out -> record the bucket's event. Gradient reduction:
+// per bucket: wait the compute stream -> copy-in -> reduce / reduce-scatter.
+#pragma once
+
+#include <mutex>
+#include <tuple>
+
+#include "communicator.h"
+#include "flatten.h"
+#include "stream.h"
+
+namespace zerocomm {
+
+// root >= 0: broadcast from root. kAllGather: in-place all-gather of shards.
+constexpr int kAllGather = -1;
+// Gradient buckets: root >= 0: reduce to root; kReduceScatter; kAllReduce.
+constexpr int kReduceScatter = -1;
+constexpr int kAllReduce = -2;
+
+struct Bucket {
+  at::Tensor flat;                  // persistent, owned: never recycled
+  at::Tensor shard;                 // grad buckets, reduce-scatter output
+  std::vector<at::Tensor> copy_in;  // copied into `flat` before the collective
+  FlatLayout in_layout;
+  std::vector<at::Tensor> copy_out;  // copied out of `flat` after it
+  FlatLayout out_layout;
+  int root = kAllGather;
+  std::string label;
+  std::shared_ptr<Event> done;  // null until first launched
+};
+
+using TraceRow = std::tuple<std::string, std::string, double, double>;
+
+class SyncScheduler {
+ public:
+  SyncScheduler(std::shared_ptr<Stream> stream,
+                std::shared_ptr<Communicator> comm, int64_t timeout_ms);
+  ~SyncScheduler();
+  SyncScheduler(const SyncScheduler&) = delete;
+  SyncScheduler& operator=(const SyncScheduler&) = delete;
+
+  int64_t add_param_bucket(at::Tensor flat, std::vector<at::Tensor> copy_in,
+                           std::vector<int64_t> in_offsets,
+                           std::vector<at::Tensor> copy_out,
+                           std::vector<int64_t> out_offsets, int root,
+                           std::string label);
+  int64_t add_grad_bucket(at::Tensor flat, at::Tensor shard,
+                          std::vector<int64_t> offsets,
+                          std::vector<int64_t> numels, int root,
+                          std::string label);
+
+  // Enqueue the parameter sync of `order` (bucket ids, forward order).
+  void launch(const std::vector<int64_t>& order);
+  // The caller's compute stream waits for param bucket `i` (GPU-side on
+  // CUDA). No-op before the bucket's first launch.
+  void wait_param(int64_t i);
+  // Enqueue the reduction of `grads` (in the bucket's slot order).
+  void reduce_grads(int64_t i, std::vector<at::Tensor> grads, bool average);
+  void wait_grad(int64_t i);
+  // Compute stream waits for everything enqueued so far.
+  void synchronize();
+  // Host waits for everything enqueued so far; raises errors and timeouts.
+  void host_synchronize();
+  // Raises a pending transport error, if any, without waiting.
+  void check();
+  // Abort the transport (after an error); later waits fail fast.
+  void abort();
+
+  void set_tracing(bool on);
+  int64_t trace_begin(std::string lane, std::string label);
+  void trace_end(int64_t id);
+  // (lane, label, start_s, end_s) relative to when tracing was turned on.
+  std::vector<TraceRow> trace();
+  void clear_trace();
+
+  int64_t timeout_ms() const { return timeout_.count(); }
+  std::string transport() const { return comm_->name(); }
+  bool is_cuda() const { return stream_->is_cuda(); }
+
+ private:
+  struct Span {
+    std::string lane, label;
+    std::shared_ptr<Event> begin, end;
+  };
+  void wait_event(std::shared_ptr<Event> ev, const std::string& what,
+                  const std::string& trace_label);
+  std::shared_ptr<Event> enqueue_traced(const std::string& label,
+                                        std::function<void()> fn);
+
+  std::shared_ptr<Communicator> comm_;
+  std::vector<std::shared_ptr<Bucket>> params_, grads_;
+  std::shared_ptr<Event> last_;
+  Millis timeout_;
+  std::mutex mu_;
+  bool tracing_ = false;
+  bool aborted_ = false;
+  std::shared_ptr<Event> origin_;
+  std::vector<Span> spans_;
+  // Declared last so it is destroyed first: the CPU worker drains its queue
+  // while the buckets its tasks point to are still alive.
+  std::shared_ptr<Stream> stream_;
+};
+
+}  // namespace zerocomm
