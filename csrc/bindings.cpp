@@ -1,6 +1,6 @@
 // Python bindings of zerocomm._C. Blocking calls release the GIL so the CPU
 // worker and other Python threads keep running.
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/extension.h>
 

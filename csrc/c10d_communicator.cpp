@@ -1,4 +1,4 @@
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <chrono>
 #include <thread>
@@ -10,7 +10,7 @@ namespace {
 
 class C10dCommunicator final : public Communicator {
  public:
-  C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg,
+  C10dCommunicator(c10::intrusive_ptr<c10d::Backend> pg,
                    int64_t timeout_ms)
       : pg_(std::move(pg)), timeout_(timeout_ms) {}
 
@@ -28,7 +28,7 @@ class C10dCommunicator final : public Communicator {
     // gloo copies input into output slot by slot; a private copy of the
     // shard keeps the input from aliasing the output it is gathered into.
     auto shard = flat.chunk(size())[rank()].clone();
-    wait(pg_->_allgather_base(flat, shard), "all_gather");
+    wait(pg_->all_gather_single(flat, shard), "all_gather");
   }
   void reduce(at::Tensor& t, int root, bool average) override {
     std::vector<at::Tensor> v{t};
@@ -39,7 +39,7 @@ class C10dCommunicator final : public Communicator {
   }
   void reduce_scatter(at::Tensor& flat, at::Tensor& shard,
                       bool average) override {
-    wait(pg_->_reduce_scatter_base(shard, flat), "reduce_scatter");
+    wait(pg_->reduce_scatter_single(shard, flat), "reduce_scatter");
     if (average) shard.div_(size());
   }
   void all_reduce(at::Tensor& t, bool average) override {
@@ -54,7 +54,7 @@ class C10dCommunicator final : public Communicator {
     TORCH_CHECK(ok, "zerocomm: ", op, " on the ", name(), " group timed out "
                 "after ", timeout_.count(), " ms");
   }
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  c10::intrusive_ptr<c10d::Backend> pg_;
   std::chrono::milliseconds timeout_;
 };
 
@@ -103,7 +103,7 @@ class SimulatedCommunicator final : public Communicator {
 }  // namespace
 
 std::shared_ptr<Communicator> make_c10d_communicator(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int64_t timeout_ms) {
+    const c10::intrusive_ptr<c10d::Backend>& pg, int64_t timeout_ms) {
   TORCH_CHECK_VALUE(pg, "process group is None");
   return std::make_shared<C10dCommunicator>(pg, timeout_ms);
 }

@@ -12,7 +12,7 @@
 #include <c10/util/intrusive_ptr.h>
 
 namespace c10d {
-class ProcessGroup;
+class Backend;
 }
 
 namespace zerocomm {
@@ -42,7 +42,7 @@ class Communicator {
 // gloo (or any c10d backend) through torch's C++ API; `timeout_ms` bounds
 // every wait.
 std::shared_ptr<Communicator> make_c10d_communicator(
-    const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int64_t timeout_ms);
+    const c10::intrusive_ptr<c10d::Backend>& pg, int64_t timeout_ms);
 
 // Does the data movement of a world-size-1 group, then occupies the stream
 // for the modelled time: latency + bytes_on_wire / bandwidth, where

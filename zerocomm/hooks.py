@@ -1,0 +1,70 @@
+"""Forward pre-hooks: each block's forward waits for its own parameters.
+
+The wait is `SyncScheduler.wait_param`: on CUDA the current stream waits on
+the bucket's event (GPU-side, no host sync); on CPU the host blocks on the
+bucket's completion flag. Nothing here calls `Work.wait()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+Wait = tuple[object, int]  # (SyncScheduler, param bucket id)
+
+
+@dataclass
+class BlockHooks:
+    """Owns the hooks of one ParamSync. `waits[module]` lists the buckets a
+    block needs; `roots` are the model chunks, whose post-hook orders the
+    buckets of blocks the forward skipped before the next step writes them."""
+
+    waits: dict[nn.Module, list[Wait]]
+    roots: list[nn.Module]
+    on_first_call: Callable[[nn.Module], None] | None = None
+    armed: bool = False
+    tracer: object | None = None  # telemetry.Tracer when enabled
+    _pending: set[Wait] = field(default_factory=set)
+    _handles: list[RemovableHandle] = field(default_factory=list)
+
+    def install(self) -> None:
+        for module in self.waits:
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(module.register_forward_hook(self._post_hook))
+        for root in self.roots:
+            self._handles.append(root.register_forward_hook(self._root_post_hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def arm(self, launched: list[Wait]) -> None:
+        """Called by launch(): from now on blocks wait for these buckets."""
+        self.armed = True
+        self._pending = set(launched)
+
+    def _pre_hook(self, module: nn.Module, args: object) -> None:
+        if self.on_first_call is not None:
+            self.on_first_call(module)
+        if self.tracer is not None:
+            self.tracer.begin_block(module)
+        if not self.armed:
+            return
+        for w in self.waits[module]:
+            sched, bucket = w
+            sched.wait_param(bucket)
+            self._pending.discard(w)
+
+    def _post_hook(self, module: nn.Module, args: object, output: object) -> None:
+        if self.tracer is not None:
+            self.tracer.end_block(module)
+
+    def _root_post_hook(self, module: nn.Module, args: object, output: object) -> None:
+        # A block the forward skipped never waited: order its bucket now, so
+        # the optimizer step after backward cannot overwrite what is in flight.
+        for sched, bucket in list(self._pending):
+            sched.wait_param(bucket)
+        self._pending.clear()

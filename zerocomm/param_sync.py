@@ -1,0 +1,242 @@
+"""ParamSync: after each optimizer step, deliver every rank's updated
+parameters to all ranks, bucket by bucket on zerocomm's comm stream, while
+the next forward pass already runs (DESIGN.md steps 1, 2, 4, 5)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ._ext import _C
+from .hooks import BlockHooks, Wait
+from .partition import Bucket, Plan, build_plan
+from .transport import SimulatedTransport, Transport, open_transport
+
+ALL_GATHER = -1  # scheduler root code for an in-place all-gather
+
+
+@dataclass
+class SyncUnit:
+    """One plan (dense or expert) with its own transport and scheduler."""
+
+    name: str
+    plan: Plan
+    transport: Transport
+    sched: "_C.SyncScheduler"
+    flats: list[torch.Tensor]
+    group: dist.ProcessGroup | None = None  # the user's group it syncs over
+    order: list[int] = field(default_factory=list)  # bucket launch order
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    def shard_range(self, b: Bucket) -> tuple[int, int]:
+        """[start, end) of this rank's slice of an allgather bucket."""
+        return self.rank * b.shard_numel, (self.rank + 1) * b.shard_numel
+
+
+def owned_pieces(b: Bucket, plan: Plan, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(param index, start inside the param, start inside the flat buffer) of
+    every piece of a parameter that falls into [lo, hi) of bucket `b`."""
+    pieces = []
+    for i, off in zip(b.params, b.offsets):
+        n = plan.params[i].numel
+        a, e = max(off, lo), min(off + n, hi)
+        if a < e:
+            pieces.append((i, a - off, a))
+    return pieces
+
+
+def _piece(p: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    return p.detach().view(-1).narrow(0, start, n)
+
+
+def build_unit(
+    name: str,
+    plan: Plan,
+    transport: Transport,
+    device: torch.device,
+    zero_copy: bool,
+    copy_in_params: bool,
+) -> SyncUnit:
+    """Allocates the persistent flat buffers and registers each bucket with
+    the scheduler. `copy_in_params=False` when the owner writes its shard
+    straight into the flat buffer (the sharded optimizer does)."""
+    sched = _C.SyncScheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000))
+    rank, flats = transport.rank, []
+    for b in plan.buckets:
+        flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
+        params = [plan.params[i].param for i in b.params]
+        for p, off in zip(params, b.offsets):
+            flat.narrow(0, off, p.numel()).copy_(p.detach().view(-1))
+        copy_in: list[torch.Tensor] = []
+        in_offsets: list[int] = []
+        if plan.mode == "broadcast":
+            root = b.owner
+            if rank == root and copy_in_params and not zero_copy:
+                copy_in, in_offsets = [p.detach() for p in params], list(b.offsets)
+            copy_out = [] if rank == root else [p.detach() for p in params]
+        else:
+            root = ALL_GATHER
+            if copy_in_params and not zero_copy:
+                lo, hi = rank * b.shard_numel, (rank + 1) * b.shard_numel
+                for i, start, at in owned_pieces(b, plan, lo, hi):
+                    n = min(plan.params[i].numel - start, hi - at)
+                    copy_in.append(_piece(plan.params[i].param, start, n))
+                    in_offsets.append(at)
+            copy_out = [p.detach() for p in params]
+        if zero_copy:
+            # Parameters become views of the flat buffer: no copy-in/out.
+            for p, off in zip(params, b.offsets):
+                p.data = flat.narrow(0, off, p.numel()).view(p.shape)
+            copy_out = []
+        out_offsets = list(b.offsets) if copy_out else []
+        label = f"{name}:{b.index}[{plan.blocks[b.blocks[0]].name}" + (
+            f"..{plan.blocks[b.blocks[-1]].name}]" if len(b.blocks) > 1 else "]"
+        )
+        sched.add_param_bucket(flat, copy_in, in_offsets, copy_out, out_offsets, root, label)
+        flats.append(flat)
+    return SyncUnit(name, plan, transport, sched, flats, list(range(len(plan.buckets))))
+
+
+class ParamSync:
+    """Handle returned by `zerocomm.attach(model)` (no optimizer).
+
+    Custom loops: update the parameters this rank owns (`plan.param_owner`,
+    or the allgather shards), call `launch()`, run the next forward. Call
+    `synchronize()` before reading parameters outside a forward pass.
+    """
+
+    def __init__(
+        self,
+        chunks: list[nn.Module],
+        *,
+        mode: str,
+        group: dist.ProcessGroup,
+        expert_group: dist.ProcessGroup | None,
+        expert_filter: Callable[[str, nn.Parameter], bool] | None,
+        blocks: object,
+        partition: str,
+        bucket_mb: float,
+        align_bytes: int,
+        transport: str | SimulatedTransport,
+        timeout_s: float,
+        high_priority: bool,
+        zero_copy: bool,
+        copy_in_params: bool,
+        device: torch.device,
+    ) -> None:
+        self.chunks = chunks
+        self.mode = mode
+        self.device = device
+        self.units: list[SyncUnit] = []
+        self._closed = False
+        self._launched = False
+        self._first_calls: list[nn.Module] = []
+        specs = [("dense", group, None if expert_filter is None else (lambda n, p: not expert_filter(n, p)))]
+        if expert_filter is not None:
+            specs.append(("expert", expert_group if expert_group is not None else group, expert_filter))
+        for name, grp, pfilter in specs:
+            t = open_transport(grp, device, transport, timeout_s, high_priority)
+            plan = build_plan(
+                chunks, mode=mode, world_size=t.world_size, partition=partition,
+                bucket_mb=bucket_mb, align_bytes=align_bytes, blocks=blocks, param_filter=pfilter,
+            )
+            unit = build_unit(name, plan, t, device, zero_copy, copy_in_params)
+            unit.group = grp
+            self.units.append(unit)
+        waits: dict[nn.Module, list[Wait]] = {}
+        for u in self.units:
+            for blk, buckets in zip(u.plan.blocks, u.plan.block_buckets):
+                waits.setdefault(blk.module, []).extend((u.sched, b) for b in buckets)
+        self.hooks = BlockHooks(waits, list(chunks), on_first_call=self._record_first_call)
+        self.hooks.install()
+
+    # -- public API -----------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The dense (non-expert) plan; `plans` has all of them."""
+        return self.units[0].plan
+
+    @property
+    def plans(self) -> dict[str, Plan]:
+        return {u.name: u.plan for u in self.units}
+
+    def launch(self) -> None:
+        """Enqueue the sync of every bucket, in forward order, after the work
+        the compute stream has queued so far (the optimizer step)."""
+        self._check_open()
+        if not self._launched:
+            self._learn_forward_order()
+            self._launched = True
+        launched: list[Wait] = []
+        for u in self.units:
+            u.sched.launch(u.order)
+            launched.extend((u.sched, b) for b in u.order)
+        self.hooks.arm(launched)
+
+    def synchronize(self) -> None:
+        """The current stream waits for every launched sync (CPU: the host
+        waits). Call before reading parameters outside a forward pass."""
+        self._check_open()
+        for u in self.units:
+            u.sched.synchronize()
+
+    def close(self) -> None:
+        """Remove hooks, wait for (or abort) outstanding syncs, free buffers
+        and communicators. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.hooks.remove()
+        for u in self.units:
+            try:
+                u.sched.host_synchronize()
+            except Exception:
+                u.sched.abort()
+        for u in self.units:
+            for p in (s.param for s in u.plan.params):
+                if p.data.untyped_storage().data_ptr() in {f.untyped_storage().data_ptr() for f in u.flats}:
+                    p.data = p.data.clone()  # detach zero-copy views from the buffer
+        self.units = []
+        for c in getattr(self, "_detach_from", []):
+            if getattr(c, "_zerocomm_handle", None) is self:
+                c._zerocomm_handle = None
+
+    def __enter__(self) -> "ParamSync":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this zerocomm handle is closed")
+
+    def _record_first_call(self, module: nn.Module) -> None:
+        if self._launched:
+            self.hooks.on_first_call = None
+            return
+        if module not in self._first_calls:
+            self._first_calls.append(module)
+
+    def _learn_forward_order(self) -> None:
+        """Launch buckets in the order the first forward called their blocks
+        (registration order where none ran). Rank 0's order is used by all
+        ranks: collectives must be issued in the same order everywhere."""
+        seen = {id(m): i for i, m in enumerate(self._first_calls)}
+        for u in self.units:
+            big = len(u.plan.blocks) + len(seen)
+            pos = [min((seen.get(id(u.plan.blocks[b].module), big + b) for b in bk.blocks), default=big)
+                   for bk in u.plan.buckets]
+            order = sorted(range(len(pos)), key=lambda i: (pos[i], i))
+            if u.transport.world_size > 1:
+                box = [order]
+                dist.broadcast_object_list(box, group=u.group, group_src=0)
+                order = box[0]
+            u.order = order

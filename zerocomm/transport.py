@@ -1,0 +1,99 @@
+"""Opens zerocomm's own communicator and comm stream for a process group.
+
+zerocomm never issues its collectives on the user's process group: the CPU
+worker (or the comm stream) would race the user's own collectives. On CUDA it
+creates its own NCCL communicator from a unique id exchanged once over the
+user's group; on CPU a private gloo backend on a fresh prefix of the default
+store. Both therefore work wherever torch.distributed works.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ._ext import _C
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class SimulatedTransport:
+    """A world-size-1 transport that occupies the comm stream for a modelled
+    time: latency + bytes / bandwidth of a ring of `modelled_world` ranks.
+    For benchmarks on one GPU or one CPU core; never the default."""
+
+    latency_us: float = 50.0
+    bandwidth_gbps: float = 10.0
+    modelled_world: int = 8
+
+
+@dataclass
+class Transport:
+    stream: "_C.Stream"
+    comm: "_C.Communicator"
+    rank: int
+    world_size: int
+    timeout_s: float
+
+
+def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group(...) before zerocomm.attach"
+        )
+    return group if group is not None else dist.group.WORLD
+
+
+def group_timeout_s(group: dist.ProcessGroup) -> float:
+    """The process group's own timeout, so zerocomm fails no sooner or later."""
+    try:
+        backend = group._get_backend(torch.device("cpu"))
+        return float(backend.options._timeout.total_seconds())
+    except Exception:  # backends differ in what they expose
+        return DEFAULT_TIMEOUT_S
+
+
+def _broadcast_from_group_rank0(value: object, group: dist.ProcessGroup) -> object:
+    box = [value]
+    dist.broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
+
+
+def open_transport(
+    group: dist.ProcessGroup,
+    device: torch.device,
+    transport: str | SimulatedTransport,
+    timeout_s: float,
+    high_priority: bool,
+) -> Transport:
+    cuda_index = device.index if device.type == "cuda" else -1
+    if device.type == "cuda" and cuda_index is None:
+        cuda_index = torch.cuda.current_device()
+    stream = _C.make_stream(cuda_index, high_priority)
+    if isinstance(transport, SimulatedTransport):
+        comm = _C.simulated_communicator(
+            transport.latency_us, transport.bandwidth_gbps, transport.modelled_world
+        )
+        return Transport(stream, comm, 0, 1, timeout_s)
+    if transport != "auto":
+        raise ValueError(
+            f"unknown transport {transport!r}: use 'auto' or zerocomm.SimulatedTransport(...)"
+        )
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if device.type == "cuda":
+        if not _C.build_info()["cuda"]:
+            raise ValueError("zerocomm was built without CUDA: rebuild it with CUDA_HOME set")
+        uid = _C.nccl_unique_id() if rank == 0 else None
+        uid = _broadcast_from_group_rank0(uid, group)
+        comm = _C.nccl_communicator(uid, rank, size, cuda_index)
+    else:
+        prefix = _broadcast_from_group_rank0(f"zerocomm/{uuid.uuid4().hex}" if rank == 0 else None, group)
+        store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+        backend = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
+        comm = _C.c10d_communicator(backend, int(timeout_s * 1000))
+    return Transport(stream, comm, rank, size, timeout_s)
