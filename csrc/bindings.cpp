@@ -145,6 +145,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("trace_end", &S::trace_end, nogil)
       .def("trace", &S::trace, nogil)
       .def("clear_trace", &S::clear_trace, nogil)
+      .def("set_debug_delay", &S::set_debug_delay, py::arg("seconds"))
       .def_property_readonly("timeout_ms", &S::timeout_ms)
       .def_property_readonly("transport", &S::transport)
       .def_property_readonly("is_cuda", &S::is_cuda);

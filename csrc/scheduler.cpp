@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <thread>
+
 namespace zerocomm {
 
 SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
@@ -103,7 +105,10 @@ void SyncScheduler::launch(const std::vector<int64_t>& order) {
                       "launch: no parameter bucket ", i);
     auto b = params_[i];
     auto comm = comm_;
-    b->done = enqueue_traced(b->label, [b, comm] {
+    const double delay = debug_delay_s_;
+    b->done = enqueue_traced(b->label, [b, comm, delay] {
+      if (delay > 0)
+        std::this_thread::sleep_for(std::chrono::duration<double>(delay));
       if (!b->copy_in.empty()) flatten(b->copy_in, b->in_layout, b->flat);
       if (b->root == kAllGather) comm->all_gather(b->flat);
       else comm->broadcast(b->flat, b->root);

@@ -75,6 +75,9 @@ class SyncScheduler {
   std::vector<TraceRow> trace();
   void clear_trace();
 
+  // Tests: every parameter-bucket task first sleeps this long (CPU worker),
+  // to make overlap and ordering observable.
+  void set_debug_delay(double seconds) { debug_delay_s_ = seconds; }
   int64_t timeout_ms() const { return timeout_.count(); }
   std::string transport() const { return comm_->name(); }
   bool is_cuda() const { return stream_->is_cuda(); }
@@ -96,6 +99,7 @@ class SyncScheduler {
   std::mutex mu_;
   bool tracing_ = false;
   bool aborted_ = false;
+  double debug_delay_s_ = 0.0;
   std::shared_ptr<Event> origin_;
   std::vector<Span> spans_;
   // Declared last so it is destroyed first: the CPU worker drains its queue

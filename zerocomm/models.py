@@ -24,12 +24,15 @@ class _LMMixin:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int):
+    def __init__(self, dim: int, n_heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
         self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        # The key bias has an exactly-zero true gradient (softmax ignores a
+        # per-query constant), so Adam turns its rounding noise into lr-sized
+        # steps: equality tests against a reference use qkv_bias=False.
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,10 @@ class TopOneMoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, n_heads: int, n_experts: int = 0):
+    def __init__(self, dim: int, n_heads: int, n_experts: int = 0, qkv_bias: bool = True):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, n_heads)
+        self.attn = CausalSelfAttention(dim, n_heads, qkv_bias)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = TopOneMoE(dim, n_experts) if n_experts > 0 else MLP(dim)
 
@@ -87,14 +90,15 @@ class TinyGPT(_LMMixin, nn.Module):
     is_expert_param = staticmethod(is_expert_param)
 
     def __init__(self, vocab: int = 64, dim: int = 32, n_layers: int = 4, n_heads: int = 4, seq: int = 16,
-                 tie_weights: bool = True, frozen: bool = False, n_experts: int = 0, seed: int = 0):
+                 tie_weights: bool = True, frozen: bool = False, n_experts: int = 0, seed: int = 0,
+                 qkv_bias: bool = True):
         super().__init__()
         self.seq = seq
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.wte = nn.Embedding(vocab, dim)
             self.wpe = nn.Embedding(seq, dim)
-            self.blocks = nn.ModuleList(Block(dim, n_heads, n_experts) for _ in range(n_layers))
+            self.blocks = nn.ModuleList(Block(dim, n_heads, n_experts, qkv_bias) for _ in range(n_layers))
             self.ln_f = nn.LayerNorm(dim)
             self.head = nn.Linear(dim, vocab, bias=False)
         if tie_weights:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import telemetry
 from ._ext import _C
 from .hooks import BlockHooks, Wait
 from .partition import Bucket, Plan, build_plan
@@ -185,6 +186,31 @@ class ParamSync:
         self._check_open()
         for u in self.units:
             u.sched.synchronize()
+
+    # -- telemetry ------------------------------------------------------
+    def enable_tracing(self, on: bool = True) -> None:
+        """Record sync spans, waits and block forwards from now on (small
+        cost per bucket and per block; off by default)."""
+        self._check_open()
+        for u in self.units:
+            u.sched.set_tracing(on)
+        names = {blk.module: blk.name for u in self.units for blk in u.plan.blocks}
+        self.hooks.tracer = telemetry.Tracer(self.units[0].sched, names) if on else None
+
+    def clear_trace(self) -> None:
+        for u in self.units:
+            u.sched.clear_trace()
+
+    def trace(self) -> list[telemetry.Span]:
+        return telemetry.collect([u.sched for u in self.units])
+
+    def stats(self) -> dict:
+        """Total and exposed sync time, per bucket and per block (needs
+        enable_tracing())."""
+        return telemetry.summarize(self.trace())
+
+    def export_chrome_trace(self, path: str) -> str:
+        return str(telemetry.chrome_trace(self.trace(), path))
 
     def close(self) -> None:
         """Remove hooks, wait for (or abort) outstanding syncs, free buffers

@@ -1,0 +1,438 @@
+"""ZeroOptimizer: the user's optimizer rebuilt over this rank's shard (ZeRO-1),
+with gradient reduction overlapped with backward and the parameter sync
+overlapped with the next forward (DESIGN.md steps 3, 6, 7)."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .param_sync import ParamSync, SyncUnit, owned_pieces
+from .partition import Plan
+
+REDUCE_SCATTER = -1  # scheduler root code
+
+# Optimizers whose update of an element depends only on that element's own
+# gradient and state: safe to step on arbitrary slices (allgather mode).
+ELEMENTWISE = {
+    "SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
+    "RMSprop", "ASGD", "Rprop", "Lion",
+}
+
+
+@dataclass
+class LocalParam:
+    """One tensor the local optimizer steps, and where it comes from."""
+
+    tensor: torch.Tensor  # what the local optimizer sees (a Parameter)
+    index: int  # index of the model parameter in the user's optimizer order
+    start: int  # element offset inside that parameter (allgather pieces)
+    numel: int
+    group: int  # the user's param group
+    user_grad: torch.Tensor | None = None  # model param's own grad, while borrowed
+
+
+@dataclass
+class GradState:
+    """Per unit: which gradient buckets are ready and how far we launched."""
+
+    order: list[int]  # fixed launch order, identical on every rank
+    pending: list[int]  # params still missing per bucket
+    launched: int = 0
+    bucket_of: dict[int, int] = field(default_factory=dict)  # id(param) -> bucket
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """Returned by `zerocomm.attach(model, optimizer)`. Behaves like the
+    user's optimizer (step, zero_grad, param_groups, state, state_dict,
+    load_state_dict) while holding only this rank's shard of its state."""
+
+    def __init__(
+        self,
+        chunks: list[nn.Module],
+        optimizer: torch.optim.Optimizer,
+        *,
+        master_dtype: torch.dtype | None = None,
+        average_grads: bool = True,
+        elementwise: bool | None = None,
+        **sync_options: Any,
+    ) -> None:
+        mode = sync_options["mode"]
+        name = type(optimizer).__name__
+        is_elementwise = elementwise if elementwise is not None else name in ELEMENTWISE
+        if mode == "allgather" and not is_elementwise:
+            raise ValueError(
+                f"{name} is not an element-wise optimizer, so it cannot step slices of "
+                "parameters (allgather mode): use mode='broadcast', which steps whole "
+                "parameters, or pass elementwise=True if its update really is element-wise"
+            )
+        if master_dtype is not None and not master_dtype.is_floating_point:
+            raise TypeError(f"master_dtype must be a floating dtype, got {master_dtype}")
+        self.mode = mode
+        self.average_grads = average_grads
+        self.master_dtype = master_dtype
+        self._user_optimizer = optimizer
+        self._index: dict[int, int] = {}  # id(param) -> index in the user's order
+        self._group_of: dict[int, int] = {}
+        self._user_params: list[torch.Tensor] = []
+        for gi, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                if id(p) not in self._index:
+                    self._index[id(p)] = len(self._user_params)
+                    self._group_of[id(p)] = gi
+                    self._user_params.append(p)
+        copy_in = mode == "broadcast"
+        self.sync = ParamSync(chunks, copy_in_params=copy_in, **sync_options)
+        self.units = self.sync.units
+        self.device = sync_options["device"]
+        self._sync_grads = True
+        self._grads_ready = False
+        self._locals: list[LocalParam] = []
+        self._grad_flats: list[list[torch.Tensor]] = []
+        self._grad_shards: list[list[torch.Tensor | None]] = []
+        self._masters: list[list[torch.Tensor | None]] = []  # allgather: master shard per bucket
+        self._grad_states: list[GradState] = []
+        self._hooks = []
+        for ui, u in enumerate(self.units):
+            self._build_grad_buckets(ui, u)
+            self._build_local_params(ui, u)
+        self.optim = self._build_local_optimizer(optimizer)
+        self.defaults = self.optim.defaults
+        # torch.optim.Optimizer bookkeeping (hooks used by LR schedulers and
+        # profilers); the state itself lives in self.optim.
+        self._optimizer_step_pre_hooks: dict = OrderedDict()
+        self._optimizer_step_post_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{name}.zero_grad"
+
+    # -- construction -----------------------------------------------------
+    def _build_grad_buckets(self, ui: int, u: SyncUnit) -> None:
+        plan, flats, shards = u.plan, [], []
+        for b in plan.buckets:
+            flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=self.device)
+            if plan.mode == "broadcast":
+                root, shard = b.owner, None
+            else:
+                root, shard = REDUCE_SCATTER, torch.zeros(b.shard_numel, dtype=b.dtype, device=self.device)
+            numels = [plan.params[i].numel for i in b.params]
+            no_shard = torch.empty(0, dtype=b.dtype, device=self.device)
+            u.sched.add_grad_bucket(flat, no_shard if shard is None else shard, list(b.offsets),
+                                    numels, root, f"grad:{u.name}:{b.index}")
+            flats.append(flat)
+            shards.append(shard)
+        self._grad_flats.append(flats)
+        self._grad_shards.append(shards)
+        # Backward produces grads roughly in reverse forward order; the order
+        # is fixed so every rank issues the reductions identically.
+        st = GradState(order=list(reversed(range(len(plan.buckets)))),
+                       pending=[len(b.params) for b in plan.buckets])
+        for b in plan.buckets:
+            for i in b.params:
+                st.bucket_of[id(plan.params[i].param)] = b.index
+                p = plan.params[i].param
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(ui)))
+        self._grad_states.append(st)
+
+    def _build_local_params(self, ui: int, u: SyncUnit) -> None:
+        plan = u.plan
+        masters: list[torch.Tensor | None] = []
+        for b in plan.buckets:
+            if plan.mode == "broadcast":
+                masters.append(None)
+                if b.owner != u.rank:
+                    continue
+                for i in b.params:
+                    p = plan.params[i].param
+                    t = p
+                    if self.master_dtype is not None and p.dtype != self.master_dtype:
+                        t = nn.Parameter(p.detach().to(self.master_dtype).clone())
+                    self._locals.append(LocalParam(t, self._index[id(p)], 0, p.numel(), self._group_of[id(p)]))
+                continue
+            lo, hi = u.shard_range(b)
+            flat_shard = u.flats[b.index].narrow(0, lo, b.shard_numel)
+            want = self.master_dtype or b.dtype
+            # Same dtype: the flat buffer's own slice IS the master (the
+            # all-gather leaves it in place); otherwise an fp32 copy.
+            master = flat_shard if want == b.dtype else flat_shard.detach().to(want).clone()
+            masters.append(master)
+            for i, start, at in owned_pieces(b, plan, lo, hi):
+                p = plan.params[i].param
+                n = min(p.numel() - start, hi - at)
+                piece = nn.Parameter(master.narrow(0, at - lo, n))  # shares storage
+                self._locals.append(LocalParam(piece, self._index[id(p)], start, n, self._group_of[id(p)]))
+        self._masters.append(masters)
+
+    def _build_local_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        groups = []
+        for gi, g in enumerate(optimizer.param_groups):
+            opts = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**opts, "params": [lp.tensor for lp in self._locals if lp.group == gi]})
+        if not any(g["params"] for g in groups):
+            # This rank owns nothing (more ranks than parameters): a
+            # zero-element stand-in keeps the optimizer constructible.
+            groups[0]["params"] = [nn.Parameter(torch.zeros(0, device=self.device))]
+        # Every group carries its own hyper-parameters; defaults are passed
+        # only as far as the constructor accepts them (AdamW records
+        # 'decoupled_weight_decay' in defaults but takes no such argument).
+        sig = inspect.signature(type(optimizer).__init__).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
+        kwargs = {k: v for k, v in optimizer.defaults.items() if takes_any or k in sig}
+        local = type(optimizer)(groups, **kwargs)
+        for g, user_g in zip(local.param_groups, optimizer.param_groups):
+            g.update({k: v for k, v in user_g.items() if k != "params"})
+        return local
+
+    # -- gradient path ----------------------------------------------------
+    def _make_grad_hook(self, ui: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if not self._sync_grads:
+                return
+            st = self._grad_states[ui]
+            b = st.bucket_of[id(p)]
+            st.pending[b] -= 1
+            self._launch_ready(ui, flush=False)
+
+        return hook
+
+    def _launch_ready(self, ui: int, flush: bool) -> None:
+        u, st = self.units[ui], self._grad_states[ui]
+        while st.launched < len(st.order):
+            b = st.order[st.launched]
+            if st.pending[b] > 0 and not flush:
+                return
+            bucket = u.plan.buckets[b]
+            grads = []
+            for i in bucket.params:
+                p = u.plan.params[i].param
+                grads.append(p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+            u.sched.reduce_grads(b, grads, self.average_grads)
+            st.launched += 1
+
+    def _finish_grads(self) -> None:
+        """Launch what backward has not, and make the compute stream wait."""
+        if self._grads_ready:
+            return
+        for ui, u in enumerate(self.units):
+            self._launch_ready(ui, flush=True)
+            for b in range(len(u.plan.buckets)):
+                u.sched.wait_grad(b)
+        self._grads_ready = True
+
+    def _bind_grads(self) -> None:
+        """Point every local tensor's .grad at its reduced gradient."""
+        k = 0
+        for ui, u in enumerate(self.units):
+            plan = u.plan
+            for b in plan.buckets:
+                if plan.mode == "broadcast":
+                    if b.owner != u.rank:
+                        continue
+                    flat = self._grad_flats[ui][b.index]
+                    for i, off in zip(b.params, b.offsets):
+                        lp = self._locals[k]
+                        k += 1
+                        g = flat.narrow(0, off, lp.numel).view(plan.params[i].shape)
+                        if lp.tensor is plan.params[i].param and lp.user_grad is None:
+                            lp.user_grad = lp.tensor.grad  # handed back after the step
+                        lp.tensor.grad = g if g.dtype == lp.tensor.dtype else g.to(lp.tensor.dtype)
+                    continue
+                lo, hi = u.shard_range(b)
+                shard = self._grad_shards[ui][b.index]
+                master = self._masters[ui][b.index]
+                if shard.dtype != master.dtype:
+                    shard = shard.to(master.dtype)
+                for _i, _start, at in owned_pieces(b, plan, lo, hi):
+                    lp = self._locals[k]
+                    k += 1
+                    lp.tensor.grad = shard.narrow(0, at - lo, lp.numel)
+
+    def _local_grads(self) -> list[torch.Tensor]:
+        return [lp.tensor.grad for lp in self._locals if lp.tensor.grad is not None]
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation: backward passes inside do not communicate;
+        the first backward outside reduces the accumulated gradients."""
+        old, self._sync_grads = self._sync_grads, False
+        try:
+            yield
+        finally:
+            self._sync_grads = old
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip by the true global gradient norm across all shards (as
+        torch.nn.utils.clip_grad_norm_ would on the unsharded model); returns it."""
+        self._finish_grads()
+        self._bind_grads()
+        norm_type = float(norm_type)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for ui, u in enumerate(self.units):
+            grads = [lp.tensor.grad for lp in self._unit_locals(ui) if lp.tensor.grad is not None]
+            if norm_type == math.inf:
+                part = max((g.detach().abs().max().float() for g in grads if g.numel()),
+                           default=torch.zeros((), device=self.device))
+                part = torch.as_tensor(part, dtype=torch.float32, device=self.device).clone()
+                if u.transport.world_size > 1:
+                    dist.all_reduce(part, op=dist.ReduceOp.MAX, group=u.group)
+                total = torch.maximum(total, part)
+            else:
+                part = sum((g.detach().float().norm(norm_type) ** norm_type for g in grads),
+                           torch.zeros((), device=self.device))
+                if u.transport.world_size > 1:
+                    dist.all_reduce(part, group=u.group)
+                total = total + part
+        total_norm = total if norm_type == math.inf else total ** (1.0 / norm_type)
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for g in self._local_grads():
+            g.mul_(coef.to(g.dtype))
+        return total_norm
+
+    def _unit_locals(self, ui: int) -> list[LocalParam]:
+        start = sum(self._unit_local_count(j) for j in range(ui))
+        return self._locals[start:start + self._unit_local_count(ui)]
+
+    def _unit_local_count(self, ui: int) -> int:
+        u = self.units[ui]
+        if u.plan.mode == "broadcast":
+            return sum(len(b.params) for b in u.plan.buckets if b.owner == u.rank)
+        return sum(len(owned_pieces(b, u.plan, *u.shard_range(b))) for b in u.plan.buckets)
+
+    # -- optimizer interface ----------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optim.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        raise AttributeError("param_groups of a ZeroOptimizer are its local optimizer's")
+
+    @property
+    def state(self) -> dict:
+        return self.optim.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        raise AttributeError("state of a ZeroOptimizer is its local optimizer's")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Wait for the reduced gradients, step this rank's shard, and launch
+        the parameter sync (the next forward waits per block)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._finish_grads()
+        self._bind_grads()
+        self.optim.step()
+        self._write_back()
+        self._reset_grad_state()
+        self.sync.launch()
+        return loss
+
+    def _write_back(self) -> None:
+        """Owned masters -> what the sync moves (working params / flat shard)."""
+        k = 0
+        for ui, u in enumerate(self.units):
+            for b in u.plan.buckets:
+                if u.plan.mode == "broadcast":
+                    if b.owner != u.rank:
+                        continue
+                    for i in b.params:
+                        lp = self._locals[k]
+                        k += 1
+                        p = u.plan.params[i].param
+                        if lp.tensor is not p:
+                            p.detach().copy_(lp.tensor)
+                    continue
+                k += len(owned_pieces(b, u.plan, *u.shard_range(b)))
+                lo, _ = u.shard_range(b)
+                master = self._masters[ui][b.index]
+                flat_shard = u.flats[b.index].narrow(0, lo, b.shard_numel)
+                if master.data_ptr() != flat_shard.data_ptr():
+                    flat_shard.copy_(master)
+
+    def _reset_grad_state(self) -> None:
+        """Unbind the reduction buffers from the local tensors (a model
+        parameter gets its own grad back) and re-arm the bucket counters."""
+        for ui, u in enumerate(self.units):
+            st = self._grad_states[ui]
+            st.launched = 0
+            st.pending = [len(b.params) for b in u.plan.buckets]
+        for lp in self._locals:
+            lp.tensor.grad, lp.user_grad = lp.user_grad, None
+        self._grads_ready = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._reset_grad_state()
+        for p in self._user_params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    def synchronize(self) -> None:
+        """Current stream waits for the parameter sync (call before reading
+        parameters outside a forward pass)."""
+        self.sync.synchronize()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.sync.close()
+
+    @property
+    def plan(self) -> Plan:
+        return self.sync.plan
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise NotImplementedError(
+            "add_param_group after attach is not supported: add the group to the optimizer "
+            "before zerocomm.attach"
+        )
+
+    # -- telemetry passthrough -------------------------------------------
+    def enable_tracing(self, on: bool = True) -> None:
+        self.sync.enable_tracing(on)
+
+    def stats(self) -> dict:
+        return self.sync.stats()
+
+    def trace(self) -> list:
+        return self.sync.trace()
+
+    def export_chrome_trace(self, path: str) -> str:
+        return self.sync.export_chrome_trace(path)
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of optimizer state held by this rank (tensors only)."""
+        return sum(v.numel() for s in self.optim.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+
+    # -- checkpoint ---------------------------------------------------------
+    def state_dict(self, to_rank: int | None = None) -> dict:
+        from .checkpoint import consolidated_state_dict
+
+        return consolidated_state_dict(self, to_rank)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from .checkpoint import load_consolidated_state_dict
+
+        load_consolidated_state_dict(self, state_dict)
+
+    def __repr__(self) -> str:
+        return f"ZeroOptimizer(mode={self.mode}, optimizer={type(self.optim).__name__}, units={len(self.units)})"
