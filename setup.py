@@ -34,6 +34,11 @@ use_cuda = (
     and nvcc_found()
     and os.environ.get("ZEROCOMM_FORCE_CPU", "0") != "1"
 )
+if os.environ.get("ZEROCOMM_REQUIRE_CUDA") == "1" and not use_cuda:
+    raise RuntimeError(
+        "ZEROCOMM_REQUIRE_CUDA=1 but the CUDA path is off: need a CUDA build of torch "
+        f"(have {torch.__version__}) and nvcc under CUDA_HOME (={os.environ.get('CUDA_HOME')})"
+    )
 torch_version = torch.__version__
 # Record what we built against: zerocomm/__init__.py compares it with the
 # running torch and refuses to load a mismatched binary with a clear message.

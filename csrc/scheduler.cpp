@@ -85,7 +85,17 @@ std::shared_ptr<Event> SyncScheduler::enqueue_traced(
     const std::string& label, std::function<void()> fn) {
   std::shared_ptr<Event> begin;
   if (tracing_) begin = stream_->record();
-  stream_->enqueue(std::move(fn));
+  // Whoever waits later learns which sync failed, not just gloo's words.
+  stream_->enqueue([label, fn = std::move(fn)] {
+    try {
+      fn();
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "zerocomm: sync of bucket ", label, " failed: ",
+                  e.what_without_backtrace());
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "zerocomm: sync of bucket ", label, " failed: ", e.what());
+    }
+  });
   auto end = stream_->record();
   if (tracing_) spans_.push_back({"comm", label, begin, end});
   last_ = end;

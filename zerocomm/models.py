@@ -101,6 +101,9 @@ class TinyGPT(_LMMixin, nn.Module):
             self.blocks = nn.ModuleList(Block(dim, n_heads, n_experts, qkv_bias) for _ in range(n_layers))
             self.ln_f = nn.LayerNorm(dim)
             self.head = nn.Linear(dim, vocab, bias=False)
+            for m in self.modules():  # GPT-2 style init: logits start near uniform
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
         if tie_weights:
             self.head.weight = self.wte.weight
         if frozen:  # e.g. fixed position embeddings: must stay out of the plan

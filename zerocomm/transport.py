@@ -8,7 +8,9 @@ store. Both therefore work wherever torch.distributed works.
 """
 from __future__ import annotations
 
+import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -86,6 +88,12 @@ def open_transport(
         )
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if device.type == "cuda":
+        if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+            warnings.warn(
+                "CUDA_DEVICE_MAX_CONNECTIONS=1 serialises CUDA streams: zerocomm's parameter "
+                "sync will not overlap the forward pass. Unset it (Megatron-style launchers set it).",
+                RuntimeWarning, stacklevel=3,
+            )
         if not _C.build_info()["cuda"]:
             raise ValueError("zerocomm was built without CUDA: rebuild it with CUDA_HOME set")
         uid = _C.nccl_unique_id() if rank == 0 else None
