@@ -18,11 +18,12 @@ Wait = tuple[object, int]  # (SyncScheduler, param bucket id)
 @dataclass
 class BlockHooks:
     """Owns the hooks of one ParamSync. `waits[module]` lists the buckets a
-    block needs; `roots` are the model chunks, whose post-hook orders the
-    buckets of blocks the forward skipped before the next step writes them."""
+    block needs; `roots[chunk]` the buckets of the blocks inside a model
+    chunk, whose post-hook orders those the forward skipped before the next
+    step writes them (per chunk, so pipeline chunks keep their overlap)."""
 
     waits: dict[nn.Module, list[Wait]]
-    roots: list[nn.Module]
+    roots: dict[nn.Module, set[Wait]]
     on_first_call: Callable[[nn.Module], None] | None = None
     armed: bool = False
     tracer: object | None = None  # telemetry.Tracer when enabled
@@ -65,6 +66,7 @@ class BlockHooks:
     def _root_post_hook(self, module: nn.Module, args: object, output: object) -> None:
         # A block the forward skipped never waited: order its bucket now, so
         # the optimizer step after backward cannot overwrite what is in flight.
-        for sched, bucket in list(self._pending):
+        for w in list(self._pending & self.roots[module]):
+            sched, bucket = w
             sched.wait_param(bucket)
-        self._pending.clear()
+            self._pending.discard(w)

@@ -154,7 +154,11 @@ class ParamSync:
         for u in self.units:
             for blk, buckets in zip(u.plan.blocks, u.plan.block_buckets):
                 waits.setdefault(blk.module, []).extend((u.sched, b) for b in buckets)
-        self.hooks = BlockHooks(waits, list(chunks), on_first_call=self._record_first_call)
+        roots: dict[nn.Module, set[Wait]] = {}
+        for chunk in chunks:
+            inside = {id(m) for m in chunk.modules()}
+            roots[chunk] = {w for m, ws in waits.items() if id(m) in inside for w in ws}
+        self.hooks = BlockHooks(waits, roots, on_first_call=self._record_first_call)
         self.hooks.install()
 
     # -- public API -----------------------------------------------------
