@@ -54,7 +54,8 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.set_device(device)
     vocab = 256
-    model = TinyGPT(vocab=vocab, dim=args.dim, n_layers=args.layers, n_heads=4, seq=args.seq).to(device)
+    model = TinyGPT(vocab=vocab, dim=args.dim, n_layers=args.layers, n_heads=4, seq=args.seq,
+                    init_std=0.02).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],

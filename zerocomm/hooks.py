@@ -50,14 +50,13 @@ class BlockHooks:
     def _pre_hook(self, module: nn.Module, args: object) -> None:
         if self.on_first_call is not None:
             self.on_first_call(module)
-        if self.tracer is not None:
+        if self.armed:
+            for w in self.waits[module]:
+                sched, bucket = w
+                sched.wait_param(bucket)
+                self._pending.discard(w)
+        if self.tracer is not None:  # after the waits: compute and wait lanes never overlap
             self.tracer.begin_block(module)
-        if not self.armed:
-            return
-        for w in self.waits[module]:
-            sched, bucket = w
-            sched.wait_param(bucket)
-            self._pending.discard(w)
 
     def _post_hook(self, module: nn.Module, args: object, output: object) -> None:
         if self.tracer is not None:

@@ -91,7 +91,7 @@ class TinyGPT(_LMMixin, nn.Module):
 
     def __init__(self, vocab: int = 64, dim: int = 32, n_layers: int = 4, n_heads: int = 4, seq: int = 16,
                  tie_weights: bool = True, frozen: bool = False, n_experts: int = 0, seed: int = 0,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True, init_std: float | None = None):
         super().__init__()
         self.seq = seq
         with torch.random.fork_rng(devices=[]):
@@ -101,9 +101,10 @@ class TinyGPT(_LMMixin, nn.Module):
             self.blocks = nn.ModuleList(Block(dim, n_heads, n_experts, qkv_bias) for _ in range(n_layers))
             self.ln_f = nn.LayerNorm(dim)
             self.head = nn.Linear(dim, vocab, bias=False)
-            for m in self.modules():  # GPT-2 style init: logits start near uniform
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, std=0.02)
+            if init_std is not None:  # GPT-2 style init: logits start near uniform
+                for m in self.modules():
+                    if isinstance(m, (nn.Linear, nn.Embedding)):
+                        nn.init.normal_(m.weight, std=init_std)
         if tie_weights:
             self.head.weight = self.wte.weight
         if frozen:  # e.g. fixed position embeddings: must stay out of the plan

@@ -36,6 +36,7 @@ class LocalParam:
     start: int  # element offset inside that parameter (allgather pieces)
     numel: int
     group: int  # the user's param group
+    bucket: tuple[int, int] = (0, 0)  # (unit, bucket) it belongs to
     user_grad: torch.Tensor | None = None  # model param's own grad, while borrowed
 
 
@@ -62,6 +63,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         master_dtype: torch.dtype | None = None,
         average_grads: bool = True,
         elementwise: bool | None = None,
+        pipeline_step: bool | None = None,
         **sync_options: Any,
     ) -> None:
         mode = sync_options["mode"]
@@ -76,6 +78,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if master_dtype is not None and not master_dtype.is_floating_point:
             raise TypeError(f"master_dtype must be a floating dtype, got {master_dtype}")
         self.mode = mode
+        # Step bucket by bucket in forward order, launching each bucket's sync
+        # as soon as its shard is stepped: the first blocks' parameters are on
+        # their way while later shards still step. Needs an optimizer whose
+        # update of one tensor ignores the others, which element-wise ones are.
+        self.pipeline_step = is_elementwise if pipeline_step is None else pipeline_step
         self.average_grads = average_grads
         self.master_dtype = master_dtype
         self._user_optimizer = optimizer
@@ -104,6 +111,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._build_grad_buckets(ui, u)
             self._build_local_params(ui, u)
         self.optim = self._build_local_optimizer(optimizer)
+        self._bucket_locals: dict[tuple[int, int], list[LocalParam]] = {}
+        for lp in self._locals:
+            self._bucket_locals.setdefault(lp.bucket, []).append(lp)
         self.defaults = self.optim.defaults
         # torch.optim.Optimizer bookkeeping (hooks used by LR schedulers and
         # profilers); the state itself lives in self.optim.
@@ -156,7 +166,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     t = p
                     if self.master_dtype is not None and p.dtype != self.master_dtype:
                         t = nn.Parameter(p.detach().to(self.master_dtype).clone())
-                    self._locals.append(LocalParam(t, self._index[id(p)], 0, p.numel(), self._group_of[id(p)]))
+                    self._locals.append(LocalParam(t, self._index[id(p)], 0, p.numel(), self._group_of[id(p)],
+                                                   (ui, b.index)))
                 continue
             lo, hi = u.shard_range(b)
             flat_shard = u.flats[b.index].narrow(0, lo, b.shard_numel)
@@ -169,7 +180,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 p = plan.params[i].param
                 n = min(p.numel() - start, hi - at)
                 piece = nn.Parameter(master.narrow(0, at - lo, n))  # shares storage
-                self._locals.append(LocalParam(piece, self._index[id(p)], start, n, self._group_of[id(p)]))
+                self._locals.append(LocalParam(piece, self._index[id(p)], start, n, self._group_of[id(p)],
+                                               (ui, b.index)))
         self._masters.append(masters)
 
     def _build_local_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -334,33 +346,50 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._finish_grads()
         self._bind_grads()
-        self.optim.step()
-        self._write_back()
+        if self.pipeline_step:
+            self.sync.launch(before_bucket=self._step_bucket)
+        else:
+            self.optim.step()
+            for ui, u in enumerate(self.units):
+                for b in range(len(u.plan.buckets)):
+                    self._write_back(ui, b)
+            self.sync.launch()
         self._reset_grad_state()
-        self.sync.launch()
         return loss
 
-    def _write_back(self) -> None:
-        """Owned masters -> what the sync moves (working params / flat shard)."""
-        k = 0
-        for ui, u in enumerate(self.units):
-            for b in u.plan.buckets:
-                if u.plan.mode == "broadcast":
-                    if b.owner != u.rank:
-                        continue
-                    for i in b.params:
-                        lp = self._locals[k]
-                        k += 1
-                        p = u.plan.params[i].param
-                        if lp.tensor is not p:
-                            p.detach().copy_(lp.tensor)
-                    continue
-                k += len(owned_pieces(b, u.plan, *u.shard_range(b)))
-                lo, _ = u.shard_range(b)
-                master = self._masters[ui][b.index]
-                flat_shard = u.flats[b.index].narrow(0, lo, b.shard_numel)
-                if master.data_ptr() != flat_shard.data_ptr():
-                    flat_shard.copy_(master)
+    def _step_bucket(self, ui: int, b: int) -> None:
+        """Step only the local tensors of bucket (ui, b), then write back."""
+        lps = self._bucket_locals.get((ui, b))
+        if lps:
+            keep = {id(lp.tensor) for lp in lps}
+            saved = [g["params"] for g in self.optim.param_groups]
+            try:
+                for g in self.optim.param_groups:
+                    g["params"] = [t for t in g["params"] if id(t) in keep]
+                self.optim.step()
+            finally:
+                for g, params in zip(self.optim.param_groups, saved):
+                    g["params"] = params
+        self._write_back(ui, b)
+
+    def _write_back(self, ui: int, b: int) -> None:
+        """Owned masters of bucket b -> what the sync moves (working params /
+        the flat shard)."""
+        u = self.units[ui]
+        bucket = u.plan.buckets[b]
+        if u.plan.mode == "broadcast":
+            if bucket.owner != u.rank:
+                return
+            for lp, i in zip(self._bucket_locals.get((ui, b), []), bucket.params):
+                p = u.plan.params[i].param
+                if lp.tensor is not p:
+                    p.detach().copy_(lp.tensor)
+            return
+        lo, _ = u.shard_range(bucket)
+        master = self._masters[ui][b]
+        flat_shard = u.flats[b].narrow(0, lo, bucket.shard_numel)
+        if master.data_ptr() != flat_shard.data_ptr():
+            flat_shard.copy_(master)
 
     def _reset_grad_state(self) -> None:
         """Unbind the reduction buffers from the local tensors (a model

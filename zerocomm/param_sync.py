@@ -3,6 +3,8 @@ parameters to all ranks, bucket by bucket on zerocomm's comm stream, while
 the next forward pass already runs (DESIGN.md steps 1, 2, 4, 5)."""
 from __future__ import annotations
 
+import atexit
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -17,6 +19,16 @@ from .partition import Bucket, Plan, build_plan
 from .transport import SimulatedTransport, Transport, open_transport
 
 ALL_GATHER = -1  # scheduler root code for an in-place all-gather
+
+# Handles still open at interpreter exit are closed first: a comm worker
+# thread left running into C++ static destruction aborts the process.
+_OPEN_HANDLES: "weakref.WeakSet[ParamSync]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_handles() -> None:
+    for handle in list(_OPEN_HANDLES):
+        handle.close()
 
 
 @dataclass
@@ -160,6 +172,7 @@ class ParamSync:
             roots[chunk] = {w for m, ws in waits.items() if id(m) in inside for w in ws}
         self.hooks = BlockHooks(waits, roots, on_first_call=self._record_first_call)
         self.hooks.install()
+        _OPEN_HANDLES.add(self)
 
     # -- public API -----------------------------------------------------
     @property
@@ -171,17 +184,24 @@ class ParamSync:
     def plans(self) -> dict[str, Plan]:
         return {u.name: u.plan for u in self.units}
 
-    def launch(self) -> None:
+    def launch(self, before_bucket: Callable[[int, int], None] | None = None) -> None:
         """Enqueue the sync of every bucket, in forward order, after the work
-        the compute stream has queued so far (the optimizer step)."""
+        the compute stream has queued so far (the optimizer step).
+
+        `before_bucket(unit, bucket)`, if given, runs just before each
+        bucket is enqueued: the sharded optimizer steps that bucket's shard
+        there, so its sync starts while later buckets are still stepping."""
         self._check_open()
         if not self._launched:
             self._learn_forward_order()
             self._launched = True
         launched: list[Wait] = []
-        for u in self.units:
-            u.sched.launch(u.order)
-            launched.extend((u.sched, b) for b in u.order)
+        for ui, b in self._sequence:
+            u = self.units[ui]
+            if before_bucket is not None:
+                before_bucket(ui, b)
+            u.sched.launch([b])
+            launched.append((u.sched, b))
         self.hooks.arm(launched)
 
     def synchronize(self) -> None:
@@ -257,16 +277,21 @@ class ParamSync:
 
     def _learn_forward_order(self) -> None:
         """Launch buckets in the order the first forward called their blocks
-        (registration order where none ran). Rank 0's order is used by all
-        ranks: collectives must be issued in the same order everywhere."""
+        (registration order where none ran), interleaving the dense and the
+        expert plan by block. Rank 0's order is used by all ranks:
+        collectives must be issued in the same order everywhere."""
         seen = {id(m): i for i, m in enumerate(self._first_calls)}
-        for u in self.units:
-            big = len(u.plan.blocks) + len(seen)
-            pos = [min((seen.get(id(u.plan.blocks[b].module), big + b) for b in bk.blocks), default=big)
-                   for bk in u.plan.buckets]
-            order = sorted(range(len(pos)), key=lambda i: (pos[i], i))
-            if u.transport.world_size > 1:
-                box = [order]
-                dist.broadcast_object_list(box, group=u.group, group_src=0)
-                order = box[0]
-            u.order = order
+        keyed = []
+        for ui, u in enumerate(self.units):
+            big = len(seen)
+            for bk in u.plan.buckets:
+                pos = min((seen.get(id(u.plan.blocks[b].module), big + b) for b in bk.blocks), default=big)
+                keyed.append((pos, ui, bk.index))
+        sequence = [(ui, b) for _, ui, b in sorted(keyed)]
+        if self.units and self.units[0].transport.world_size > 1:
+            box = [sequence]
+            dist.broadcast_object_list(box, group=self.units[0].group, group_src=0)
+            sequence = [tuple(x) for x in box[0]]
+        self._sequence = sequence
+        for ui, u in enumerate(self.units):
+            u.order = [b for uj, b in sequence if uj == ui]

@@ -50,7 +50,10 @@ def summarize(spans: list[Span]) -> dict:
     (compute waiting for parameters), and per-bucket / per-block figures."""
     sync = [s for s in spans if s.lane == "comm" and not s.label.startswith("grad")]
     grad = [s for s in spans if s.lane == "comm" and s.label.startswith("grad")]
-    waits = [s for s in spans if s.lane == "wait" and not s.label.startswith("grad")]
+    # Waits of the forward for its parameters; synchronize() outside a forward
+    # is the caller's choice, not sync time the forward was exposed to.
+    waits = [s for s in spans if s.lane == "wait" and not s.label.startswith("grad")
+             and s.label != "synchronize"]
     per_bucket: dict[str, list[float]] = {}
     for s in sync:
         per_bucket.setdefault(s.label, []).append(s.duration)
@@ -73,10 +76,12 @@ def summarize(spans: list[Span]) -> dict:
 def chrome_trace(spans: list[Span], path: str | Path) -> Path:
     """Writes a Chrome trace JSON: one thread row per lane."""
     lanes = {"compute": 1, "wait": 2, "comm": 3}
+    for s in spans:
+        lanes.setdefault(s.lane, len(lanes) + 1)
     events = [{"ph": "M", "pid": 0, "tid": tid, "name": "thread_name", "args": {"name": lane}}
               for lane, tid in lanes.items()]
     for s in spans:
-        events.append({"ph": "X", "pid": 0, "tid": lanes.get(s.lane, 9), "name": s.label,
+        events.append({"ph": "X", "pid": 0, "tid": lanes[s.lane], "name": s.label,
                        "ts": s.start * 1e6, "dur": max(s.duration, 0.0) * 1e6, "cat": s.lane})
     path = Path(path)
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
