@@ -1,29 +1,47 @@
-# Developer entry points. `make test` = C++ unit tests (ctest) + pytest.
-PYTHON ?= python
+# Entry points. On a fresh machine:
+#   make demo   set up .venv (pinned requirements + zerocomm built), train the demo on 2 ranks
+#   make test   same setup, then the C++ unit tests (ctest) and the pytest suite
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
 CMAKE ?= cmake
 CTEST ?= ctest
 BUILD_DIR ?= cmake-build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-# Extra -D options for the CMake configure, e.g. CMAKE_ARGS=-DZEROCOMM_ALL_SOURCES=ON
+# Extra -D options for the CMake configure, e.g. CMAKE_ARGS=-DZEROCOMM_CUDA=ON
 CMAKE_ARGS ?=
+SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu) setup.py requirements.txt
 
 export CUDA_HOME
 
 # Ninja when available; only chosen for a fresh build dir, so an existing one
 # keeps the generator it was made with.
-CMAKE_GENERATOR_ARG := $(if $(wildcard $(BUILD_DIR)/CMakeCache.txt),,$(if $(shell command -v ninja 2>/dev/null),-G Ninja,))
+CMAKE_GENERATOR_ARG = $(if $(wildcard $(BUILD_DIR)/CMakeCache.txt),,$(if $(wildcard $(VENV)/bin/ninja),-G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja,))
 
-.PHONY: build ctest test clean
+.PHONY: setup build demo ctest test clean
 
-# The Python extension zerocomm._C, built against the installed torch.
-build:
-	CUDA_HOME=$(CUDA_HOME) $(PYTHON) -m pip install --no-build-isolation -e .
+# The virtual environment with the pinned requirements (torch==2.14.1 comes
+# from the machine's local package cache) and zerocomm._C built against it.
+$(VENV)/.built: $(SOURCES)
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	CUDA_HOME=$(CUDA_HOME) $(VENV)/bin/pip install -v --no-build-isolation -e . > $(VENV)/build.log 2>&1 \
+	  || { tail -50 $(VENV)/build.log; exit 1; }
+	grep -E "zerocomm: building" $(VENV)/build.log
+	touch $@
+
+setup: $(VENV)/.built
+
+build: setup
+
+demo: setup
+	$(PYTHON) -m zerocomm.demo
 
 # C++ stream/event tests: CPU sources only (ZEROCOMM_CUDA=OFF), fast on 2 cores.
-ctest:
-	$(CMAKE) -S . -B $(BUILD_DIR) $(CMAKE_GENERATOR_ARG) \
-	  -DZEROCOMM_PYTHON="$$(command -v $(PYTHON))" -DZEROCOMM_CUDA=OFF $(CMAKE_ARGS)
+ctest: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(CMAKE) -S . -B $(BUILD_DIR) $(CMAKE_GENERATOR_ARG) \
+	  -DZEROCOMM_PYTHON="$(abspath $(PYTHON))" -DZEROCOMM_CUDA=OFF $(CMAKE_ARGS)
 	$(CMAKE) --build $(BUILD_DIR) --parallel $(JOBS)
 	$(CTEST) --test-dir $(BUILD_DIR) --output-on-failure
 
