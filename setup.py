@@ -49,7 +49,9 @@ torch_version = torch.__version__
 sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp"))]
 cuda_only = {"csrc/cuda_stream.cpp", "csrc/nccl_communicator.cpp"}
 macros = [("ZEROCOMM_TORCH_VERSION", f'"{torch_version}"')]
-cxx_flags = ["-O3"]
+# -fopenmp: at::parallel_for is inline OpenMP; without it the CPU copy runs
+# on one thread. The libgomp.so.1 it needs is the one torch already loaded.
+cxx_flags = ["-O3", "-fopenmp"]
 kwargs: dict = {}
 if use_cuda:
     sources += [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))]
@@ -70,7 +72,7 @@ if use_cuda:
         define_macros=macros,
         library_dirs=[str(nccl / "lib")],
         # The same libnccl torch loads, found again at run time via rpath.
-        extra_link_args=["-l:libnccl.so.2", f"-Wl,-rpath,{nccl / 'lib'}"],
+        extra_link_args=["-l:libnccl.so.2", f"-Wl,-rpath,{nccl / 'lib'}", "-fopenmp"],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
     )
 else:
@@ -80,6 +82,7 @@ else:
         sources,
         include_dirs=[str(CSRC)],
         define_macros=macros,
+        extra_link_args=["-fopenmp"],
         extra_compile_args={"cxx": cxx_flags},
     )
 

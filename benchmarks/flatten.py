@@ -24,11 +24,9 @@ Each method is checked for a correct result once before it is timed.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,9 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 import zerocomm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_info  # noqa: E402
 
 KB = 1024
 MB = 1024 * 1024
@@ -60,42 +61,6 @@ def human_bytes(n: int) -> str:
 
 
 # ------------------------------------------------------------------ machine info
-
-
-def machine_info(device: str) -> dict:
-    info = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device,
-        "torch_version": torch.__version__,
-        "zerocomm_version": zerocomm.__version__,
-        "zerocomm_build": dict(zerocomm.build_info()),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-        "cpu_name": platform.processor() or "unknown",
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_name"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        info["loadavg_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info["device_name"] = props.name
-        info["cuda_version"] = torch.version.cuda
-        info["gpu_memory_gib"] = round(props.total_memory / 1024**3, 1)
-        info["sm_count"] = props.multi_processor_count
-    else:
-        info["device_name"] = info["cpu_name"]
-    return info
 
 
 # ------------------------------------------------------------------ timing
@@ -280,7 +245,7 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool,
 
     rows = []
 
-    def record(op, method, fn):
+    def record(op, method, fn, zero_copy=False):
         times = timer(fn)
         med, best = statistics.median(times), min(times)
         exp, note = expected_launches(device, op, method, list(layout.numels))
@@ -290,6 +255,8 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool,
             "gbps": total / med / 1e9, "gbps_best": total / best / 1e9,
             "launches_expected": exp, "launches_expected_note": note,
             "launches_measured": None,
+            # _flatten_dense_tensors returns a view of a single tensor: nothing is copied.
+            "zero_copy": zero_copy,
         }
         if device == "cuda" and profile:
             row["launches_measured"] = count_launches_cuda(fn)
@@ -302,8 +269,9 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool,
             torch.cuda.synchronize()
         if not torch.equal(res[: reference.numel()], reference):
             raise AssertionError(f"flatten/{method} gave a wrong result for {count} x {human_bytes(size)}")
+        zero_copy = any(res.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts)
         del res
-        record("flatten", method, fn)
+        record("flatten", method, fn, zero_copy)
 
     flat.copy_(reference)
     for method, fn in unflatten.items():
@@ -367,7 +335,12 @@ def print_tables(rows: list[dict], copies: dict) -> None:
             for m in methods:
                 r = next((r for r in rows if r["op"] == op and r["method"] == m
                           and r["count"] == count and r["tensor_bytes"] == size), None)
-                cells.append(f" {r['gbps']:7.2f} ({r['ratio_to_copy']:4.2f})" if r else f" {'-':>15}")
+                if r is None:
+                    cells.append(f" {'-':>15}")
+                elif r["zero_copy"]:
+                    cells.append(f" {'view, no copy':>15}")
+                else:
+                    cells.append(f" {r['gbps']:7.2f} ({r['ratio_to_copy']:4.2f})")
             print(f"{count:>6} {human_bytes(size):>6} {human_bytes(count * size):>7} "
                   f"{copies[count * size]['gbps']:7.2f} |" + "".join(cells))
 
@@ -390,7 +363,8 @@ def plot(rows: list[dict], copies: dict, path: Path, title: str) -> None:
         for m in methods:
             for s in sizes:
                 pts = sorted((r["total_bytes"], r["gbps"]) for r in rows
-                             if r["op"] == op and r["method"] == m and r["tensor_bytes"] == s)
+                             if r["op"] == op and r["method"] == m and r["tensor_bytes"] == s
+                             and not r["zero_copy"])
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[m],
                             marker=markers[s], lw=1, ms=5, alpha=0.85)
@@ -519,6 +493,8 @@ def main(argv=None) -> int:
                        "inside the call is included); cpu: time.perf_counter around each call"),
             "launches_expected": "known/estimated number of kernels or ops per call, not measured",
             "launches_measured": "cuda only: kernels/memcpy/memset counted by torch.profiler for one call",
+            "zero_copy": ("true when the result shares storage with an input (torch's "
+                          "_flatten_dense_tensors of ONE tensor returns a view): its gbps is meaningless"),
             "methods": {
                 "flatten/zerocomm": "zerocomm.flatten(ts, out=flat, layout=layout)",
                 "flatten/zerocomm_alloc": "zerocomm.flatten(ts, layout=layout) (allocates a zeroed buffer)",

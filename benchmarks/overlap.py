@@ -58,15 +58,14 @@ overlap_trace_<variant>_<device>.json (Chrome traces, rank 0).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
 import os
-import platform
 import resource
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +74,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_info  # noqa: E402
 
 REAL_VARIANTS = ["zero_torch", "seed_bcast", "zc_broadcast", "zc_allgather", "ddp"]
 SIM_VARIANTS = ["sim_blocking", "sim_zc_broadcast", "sim_zc_allgather"]
@@ -142,43 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def machine_info(device: str) -> dict:
-    import zerocomm
-
-    info = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device,
-        "torch_version": torch.__version__,
-        "zerocomm_version": zerocomm.__version__,
-        "zerocomm_build": dict(zerocomm.build_info()),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-        "cpu_name": platform.processor() or "unknown",
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_name"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info["device_name"] = props.name
-        info["cuda_version"] = torch.version.cuda
-        info["gpu_memory_gib"] = round(props.total_memory / 1024**3, 1)
-    else:
-        info["device_name"] = info["cpu_name"]
-    return info
 
 
 class Clock:

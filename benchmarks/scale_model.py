@@ -54,19 +54,21 @@ Writes scale_model.json and scale_model.png to --out (default benchmarks/out/).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_info  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
 SIZES = [2 ** k for k in range(12, 25)]  # 4 KB .. 16 MB, every power of two
@@ -470,21 +472,6 @@ def run_measurements(args: argparse.Namespace, world: int = 2) -> list[dict]:
 
 
 # ----------------------------------------------------------------- report
-
-
-def machine_info() -> dict:
-    info = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch_version": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_name": platform.processor()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_name"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return info
 
 
 def grid(cal: dict, prof: dict) -> dict:

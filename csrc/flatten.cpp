@@ -41,8 +41,12 @@ void fused_copy_cpu(const std::vector<at::Tensor>& tensors,
       if (n <= 0) continue;
       char* packed = ptrs[i] + lo;
       char* in_flat = flat_base + layout.offsets[i] * elem + lo;
-      if (to_flat) std::memcpy(in_flat, packed, n);
-      else std::memcpy(packed, in_flat, n);
+      // A tensor that already is a view of its slot (zero-copy parameters)
+      // needs no copy, and memcpy onto itself is undefined.
+      if (packed != in_flat) {
+        if (to_flat) std::memcpy(in_flat, packed, n);
+        else std::memcpy(packed, in_flat, n);
+      }
       pos += n;
     }
   });
@@ -141,13 +145,25 @@ void check_tensors(const std::vector<at::Tensor>& tensors,
 
 at::Tensor flatten(const std::vector<at::Tensor>& tensors,
                    const FlatLayout& layout, at::Tensor flat) {
-  if (!flat.defined()) {
+  const bool fresh = !flat.defined();
+  if (fresh) {
     auto opts = at::TensorOptions().dtype(layout.dtype);
     if (!tensors.empty()) opts = opts.device(tensors[0].device());
-    // Padding must be deterministic: it travels through the collectives.
-    flat = at::zeros({layout.total_numel}, opts);
+    // CPU: zero only the padding below instead of writing everything twice.
+    flat = opts.device().is_cpu() ? at::empty({layout.total_numel}, opts)
+                                  : at::zeros({layout.total_numel}, opts);
   }
   check_tensors(tensors, layout, flat, "flatten");
+  if (fresh && flat.is_cpu()) {
+    // Padding must be deterministic: it travels through the collectives.
+    int64_t end = 0;
+    for (size_t i = 0; i <= layout.size(); ++i) {
+      const int64_t next = i < layout.size() ? layout.offsets[i]
+                                             : layout.total_numel;
+      if (next > end) flat.narrow(0, end, next - end).zero_();
+      if (i < layout.size()) end = std::max(end, next + layout.numels[i]);
+    }
+  }
   fused_copy(tensors, layout, flat, /*to_flat=*/true);
   return flat;
 }

@@ -72,6 +72,7 @@ void fused_copy_cuda(const std::vector<at::Tensor>& tensors,
     if (nbytes == 0) continue;
     char* packed = static_cast<char*>(tensors[i].data_ptr());
     char* in_flat = flat_base + layout.offsets[i] * elem;
+    if (packed == in_flat) continue;  // already a view of its slot
     const auto idx = static_cast<int32_t>(entries.size());
     entries.push_back(to_flat ? CopyEntry{packed, in_flat, nbytes}
                               : CopyEntry{in_flat, packed, nbytes});
