@@ -101,6 +101,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.device = sync_options["device"]
         self._sync_grads = True
         self._grads_ready = False
+        self._grads_bound = False
         self._locals: list[LocalParam] = []
         self._grad_flats: list[list[torch.Tensor]] = []
         self._grad_shards: list[list[torch.Tensor | None]] = []
@@ -241,7 +242,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._grads_ready = True
 
     def _bind_grads(self) -> None:
-        """Point every local tensor's .grad at its reduced gradient."""
+        """Point every local tensor's .grad at its reduced gradient (once per
+        step: a cast copy bound here may already have been clipped)."""
+        if self._grads_bound:
+            return
+        self._grads_bound = True
         k = 0
         for ui, u in enumerate(self.units):
             plan = u.plan
@@ -401,6 +406,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for lp in self._locals:
             lp.tensor.grad, lp.user_grad = lp.user_grad, None
         self._grads_ready = False
+        self._grads_bound = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._reset_grad_state()
