@@ -460,12 +460,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoint ---------------------------------------------------------
     def state_dict(self, to_rank: int | None = None) -> dict:
-        from .checkpoint import consolidated_state_dict
+        from .optimizer_state import consolidated_state_dict
 
         return consolidated_state_dict(self, to_rank)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        from .checkpoint import load_consolidated_state_dict
+        from .optimizer_state import load_consolidated_state_dict
 
         load_consolidated_state_dict(self, state_dict)
 
