@@ -9,9 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .param_sync import ParamSync
-from .partition import MODES, PARTITIONS
 from .transport import SimulatedTransport, group_timeout_s, resolve_group
-from .validate import check_model, check_plan_consistent
+from .validate import check_model, check_options, check_plan_consistent, plan_fingerprint
 
 _ATTACHED = "_zerocomm_handle"  # attribute on the model: one attach at a time
 
@@ -42,22 +41,30 @@ def attach(
     "allgather" (element-wise optimizers; every bucket split evenly).
     """
     chunks = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}: choose one of {', '.join(PARTITIONS)}")
-    if not (0 < float(bucket_mb) <= 4096):
-        raise ValueError(f"bucket_mb must be in (0, 4096] MiB, got {bucket_mb}")
-    group = resolve_group(group)
-    device = check_model(chunks, optimizer)
-    for c in chunks:
-        if getattr(c, _ATTACHED, None) is not None:
-            raise ValueError(
-                "this model already has a zerocomm handle attached: call close() on it first"
-            )
+    group = resolve_group(group)  # not initialised: there are no peers to tell
+    # Every check runs before zerocomm's own collectives. The one exchange
+    # below shares each rank's verdict, so a check that fails on one rank
+    # only fails all of them instead of leaving the others waiting.
+    error: Exception | None = None
+    fingerprint: list[tuple] | None = None
+    try:
+        check_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
+                      timeout=timeout, transport=transport, expert_filter=expert_filter,
+                      optimizer=optimizer, optimizer_options=optimizer_options)
+        device = check_model(chunks, optimizer)
+        for c in chunks:
+            if getattr(c, _ATTACHED, None) is not None:
+                raise ValueError(
+                    "this model already has a zerocomm handle attached: call close() on it first"
+                )
+        fingerprint = plan_fingerprint(
+            chunks, mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
+            blocks=blocks, expert_filter=expert_filter,
+            optimizer=type(optimizer).__name__ if optimizer is not None else "none")
+    except Exception as e:  # raised below, after the peers have heard of it
+        error = e
+    check_plan_consistent(fingerprint, error, group=group)
     timeout_s = float(timeout) if timeout is not None else group_timeout_s(group)
-    check_plan_consistent(chunks, mode=mode, partition=partition, bucket_mb=bucket_mb,
-                          blocks=blocks, expert_filter=expert_filter, group=group, timeout_s=timeout_s)
     common = dict(
         mode=mode, group=group, expert_group=expert_group, expert_filter=expert_filter,
         blocks=blocks, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
@@ -65,8 +72,6 @@ def attach(
         zero_copy=zero_copy, device=device,
     )
     if optimizer is None:
-        if optimizer_options:
-            raise TypeError(f"unexpected options without an optimizer: {sorted(optimizer_options)}")
         handle = ParamSync(chunks, copy_in_params=True, **common)
     else:
         from .optimizer import ZeroOptimizer
@@ -74,5 +79,6 @@ def attach(
         handle = ZeroOptimizer(chunks, optimizer, **common, **optimizer_options)
     for c in chunks:
         setattr(c, _ATTACHED, handle)
-    handle._detach_from = chunks
+    # closing the ParamSync (directly or through ZeroOptimizer.close) unmarks the model
+    getattr(handle, "sync", handle)._detach_from = chunks
     return handle

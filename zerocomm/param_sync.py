@@ -254,7 +254,10 @@ class ParamSync:
                     p.data = p.data.clone()  # detach zero-copy views from the buffer
         self.units = []
         for c in getattr(self, "_detach_from", []):
-            if getattr(c, "_zerocomm_handle", None) is self:
+            # attach() marks the model with what it returned: this ParamSync
+            # or the ZeroOptimizer around it
+            h = getattr(c, "_zerocomm_handle", None)
+            if h is self or getattr(h, "sync", None) is self:
                 c._zerocomm_handle = None
 
     def __enter__(self) -> "ParamSync":

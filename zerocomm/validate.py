@@ -44,6 +44,9 @@ def check_model(chunks: list[nn.Module], optimizer: torch.optim.Optimizer | None
         if p.dtype not in SYNCABLE_DTYPES:
             raise ValueError(f"parameter {name} has dtype {p.dtype}; zerocomm syncs floating "
                              f"parameters only ({', '.join(map(str, SYNCABLE_DTYPES))})")
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise ValueError(f"parameter {name} has a sparse gradient ({p.grad.layout}), "
+                             "which zerocomm cannot reduce")
         if not p.is_contiguous():
             raise ValueError(f"parameter {name} is not contiguous; make it contiguous before attach")
     for chunk in chunks:
@@ -76,15 +79,67 @@ def check_model(chunks: list[nn.Module], optimizer: torch.optim.Optimizer | None
     return first.device
 
 
+def check_options(
+    *, mode: str, partition: str, bucket_mb: object, align_bytes: object, timeout: object,
+    transport: object, expert_filter: object, optimizer: torch.optim.Optimizer | None,
+    optimizer_options: dict,
+) -> None:
+    """Arguments alone, before the model or any process group is looked at."""
+    from .partition import MODES, PARTITIONS
+    from .transport import SimulatedTransport
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown partition {partition!r}: choose one of {', '.join(PARTITIONS)}")
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
+        raise TypeError(f"bucket_mb must be a number of MiB, got {type(bucket_mb).__name__}")
+    if not (0 < float(bucket_mb) <= 4096):  # also rejects NaN
+        raise ValueError(f"bucket_mb must be in (0, 4096] MiB, got {bucket_mb}")
+    if (isinstance(align_bytes, bool) or not isinstance(align_bytes, int) or align_bytes < 1
+            or align_bytes & (align_bytes - 1)):
+        raise ValueError(f"align_bytes must be a power of two >= 1, got {align_bytes!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
+    if not (transport == "auto" or isinstance(transport, SimulatedTransport)):
+        raise ValueError(f"unknown transport {transport!r}: use 'auto' or zerocomm.transport.SimulatedTransport(...)")
+    if expert_filter is not None and not callable(expert_filter):
+        raise TypeError(f"expert_filter must be a callable (name, param) -> bool, got {type(expert_filter).__name__}")
+    if optimizer is None:
+        if optimizer_options:
+            raise TypeError(f"unexpected options without an optimizer: {sorted(optimizer_options)}")
+        return
+    from .optimizer import ELEMENTWISE
+
+    allowed = {"master_dtype", "average_grads", "elementwise", "pipeline_step"}
+    unknown = sorted(set(optimizer_options) - allowed)
+    if unknown:
+        raise TypeError(f"unexpected attach options {unknown}: expected any of {sorted(allowed)}")
+    master = optimizer_options.get("master_dtype")
+    if master is not None and not (isinstance(master, torch.dtype) and master.is_floating_point):
+        raise TypeError(f"master_dtype must be a floating dtype, got {master}")
+    name = type(optimizer).__name__
+    elementwise = optimizer_options.get("elementwise")
+    if mode == "allgather" and not (name in ELEMENTWISE if elementwise is None else elementwise):
+        raise ValueError(
+            f"{name} is not an element-wise optimizer, so it cannot step slices of "
+            "parameters (allgather mode): use mode='broadcast', which steps whole "
+            "parameters, or pass elementwise=True if its update really is element-wise"
+        )
+
+
 def plan_fingerprint(
     chunks: list[nn.Module], *, mode: str, partition: str, bucket_mb: float,
-    blocks: object, expert_filter: Callable | None,
+    blocks: object, expert_filter: Callable | None, align_bytes: int = 16,
+    optimizer: str = "none",
 ) -> list[tuple]:
     """What every rank must agree on, as comparable rows."""
     plan = build_plan(chunks, mode=mode, world_size=1, partition=partition,
-                      bucket_mb=bucket_mb, blocks=blocks)
+                      bucket_mb=bucket_mb, align_bytes=align_bytes, blocks=blocks)
     rows: list[tuple] = [("config", f"mode={mode} partition={partition} bucket_mb={bucket_mb} "
-                          f"zerocomm={__version__}")]
+                          f"align_bytes={align_bytes} optimizer={optimizer} "
+                          f"experts={expert_filter is not None} zerocomm={__version__}")]
     for b in plan.blocks:
         rows.append(("block", b.name))
         for i in b.params:
@@ -94,26 +149,52 @@ def plan_fingerprint(
     return rows
 
 
-def check_plan_consistent(chunks: list[nn.Module], *, group: dist.ProcessGroup,
-                          timeout_s: float, **kw: object) -> None:
-    """Compare fingerprints across `group`; on mismatch EVERY rank raises,
-    naming the first differing block or parameter and the ranks involved."""
-    mine = plan_fingerprint(chunks, **kw)
+def describe_mismatch(everyone: list[list[tuple]], ranks: list[int]) -> str | None:
+    """None when all fingerprints agree; otherwise the first differing entry
+    and which (global) ranks hold which value there."""
+    if all(rows == everyone[0] for rows in everyone):
+        return None
+    end = ("end", "<no more entries>")
+    i = 0
+    while len({tuple(rows[i]) if i < len(rows) else end for rows in everyone}) == 1:
+        i += 1
+    holders: dict[tuple, list[int]] = {}
+    for r, rows in enumerate(everyone):
+        holders.setdefault(tuple(rows[i]) if i < len(rows) else end, []).append(ranks[r])
+    what = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))} "
+                     f"{'have' if len(rs) > 1 else 'has'} {kind} {val!r}"
+                     for (kind, val), rs in holders.items())
+    # where the structures part: the last block every rank agrees on
+    block = next((r[1] for r in reversed(everyone[0][:i]) if r[0] == "block"), None)
+    after = f" (after block {block!r})" if block is not None else ""
+    return (f"zerocomm.attach: ranks disagree on the model/plan at entry {i}{after}: {what}; "
+            "every rank must build the same model and call attach with the same arguments")
+
+
+def check_plan_consistent(mine: list[tuple] | None, error: BaseException | None, *,
+                          group: dist.ProcessGroup) -> None:
+    """Exchange each rank's verdict over `group` (the one collective of
+    attach) so that ranks fail together instead of some hanging in a later
+    collective: a rank whose own checks failed (`error`) raises that error,
+    and every other rank raises one naming it. Otherwise the plan
+    fingerprints are compared; on mismatch EVERY rank raises the same error
+    (each sees all fingerprints), naming the first differing block or
+    parameter and the ranks involved."""
     world = dist.get_world_size(group)
     if world == 1:
+        if error is not None:
+            raise error
         return
-    everyone: list[list[tuple] | None] = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
-    ref = everyone[0]
-    for r, rows in enumerate(everyone):
-        if rows == ref:
-            continue
-        for i in range(max(len(ref), len(rows))):
-            a = ref[i] if i < len(ref) else ("end", "<nothing>")
-            b = rows[i] if i < len(rows) else ("end", "<nothing>")
-            if a != b:
-                raise ValueError(
-                    f"zerocomm.attach: ranks disagree on the model/plan: rank 0 has {a[0]} {a[1]!r} "
-                    f"where rank {r} has {b[0]} {b[1]!r} (entry {i}); every rank must build the "
-                    "same model and call attach with the same arguments"
-                )
+    verdict = (None if error is None else f"{type(error).__name__}: {error}", mine)
+    everyone: list[tuple | None] = [None] * world
+    dist.all_gather_object(everyone, verdict, group=group)
+    if error is not None:
+        raise error
+    ranks = dist.get_process_group_ranks(group)
+    failed = [(ranks[r], v[0]) for r, v in enumerate(everyone) if v[0] is not None]
+    if failed:
+        who = ", ".join(f"rank {r}: {msg}" for r, msg in failed)
+        raise ValueError(f"zerocomm.attach failed on another rank, so no rank proceeds ({who})")
+    msg = describe_mismatch([v[1] for v in everyone], ranks)
+    if msg is not None:
+        raise ValueError(msg)
