@@ -179,9 +179,9 @@ void test_exception_propagates_and_poisons() {
 
 void test_synchronize_timeout() {
   CpuStream s;
+  const auto t0 = Clock::now();
   s.enqueue([] { sleep_ms(500); });
   auto ev = s.record();
-  const auto t0 = Clock::now();
   bool threw = false;
   try {
     ev->synchronize(Millis(50), "the gradient reduce-scatter");
@@ -196,9 +196,12 @@ void test_synchronize_timeout() {
   }
   const double waited = seconds_since(t0);
   CHECK(threw);
-  CHECK_MSG(waited >= 0.045 && waited < 0.4, std::to_string(waited) + " s");
-  // The event is still pending and completes once the task is done.
-  CHECK(!ev->query());
+  // Returned on the timeout, well before the 500 ms task finished.
+  CHECK_MSG(waited >= 0.045 && waited < 0.45, std::to_string(waited) + " s");
+  // The event is still pending (unless this process was starved for ~0.5 s)
+  // and completes once the task is done.
+  const bool pending = !ev->query();
+  CHECK(pending || seconds_since(t0) >= 0.45);
   ev->synchronize(kLong, "after timeout");
   CHECK(ev->query());
 }
@@ -241,7 +244,7 @@ void test_cross_stream_wait_propagates_error_and_timeout() {
   // B's wait times out: B's later events fail with the timeout, naming it.
   {
     CpuStream a, b;
-    a.enqueue([] { sleep_ms(300); });
+    a.enqueue([] { sleep_ms(500); });
     b.wait(a.record(), Millis(20), "stalled peer");
     bool threw = false;
     try {
