@@ -68,6 +68,9 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0,
                     results.append(pickle.load(f))
             else:
                 results.append({"error": "no result (hung or crashed)", "type": "Hang"})
+            # how the process ended: fault tests assert nobody had to be killed
+            results[-1].update(exitcode=procs[r].exitcode, killed=r in hung,
+                               alive=procs[r].is_alive())
     if hung and not expect_errors:
         raise TimeoutError(f"ranks {hung} did not finish within {timeout} s")
     if expect_errors:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from datetime import timedelta
 from typing import Callable
 
 import pytest
@@ -200,13 +201,24 @@ def check_failed_attach_leaves_no_trace() -> None:
     _attach(model).close()
 
 
+def check_default_timeout_is_the_groups() -> None:
+    """Every zerocomm wait uses `timeout=`, else the process group's own."""
+    group = dist.new_group(ranks=[0], timeout=timedelta(seconds=17))
+    h = _attach(Net(), group=group)
+    assert [u.transport.timeout_s for u in h.units] == [17.0]
+    h.close()
+    h = _attach(Net(), group=group, timeout=3)
+    assert [u.transport.timeout_s for u in h.units] == [3.0]
+    h.close()
+
+
 CHECKS = [
     check_unknown_mode, check_unknown_partition, check_bucket_mb_range, check_align_bytes, check_timeout,
     check_unknown_transport, check_expert_filter_not_callable, check_model_not_a_module, check_mixed_devices,
     check_unsupported_dtype, check_non_contiguous, check_no_trainable_parameters,
     check_optimizer_foreign_param, check_optimizer_missing_param, check_optimizer_type,
     check_optimizer_options, check_non_elementwise_in_allgather, check_sparse_module, check_sparse_grad,
-    check_second_attach, check_failed_attach_leaves_no_trace,
+    check_second_attach, check_failed_attach_leaves_no_trace, check_default_timeout_is_the_groups,
 ]
 
 

@@ -38,9 +38,14 @@ class BlockHooks:
             self._handles.append(root.register_forward_hook(self._root_post_hook))
 
     def remove(self) -> None:
+        """Uninstall; also forget the schedulers, so that close() decides
+        when they are destroyed."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.waits, self.roots, self._pending = {}, {}, set()
+        self.tracer = None
+        self.on_first_call = None
 
     def arm(self, launched: list[Wait]) -> None:
         """Called by launch(): from now on blocks wait for these buckets."""

@@ -79,7 +79,7 @@ def build_unit(
     """Allocates the persistent flat buffers and registers each bucket with
     the scheduler. `copy_in_params=False` when the owner writes its shard
     straight into the flat buffer (the sharded optimizer does)."""
-    sched = _C.SyncScheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000))
+    sched = _Scheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000))
     rank, flats = transport.rank, []
     for b in plan.buckets:
         flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
@@ -114,6 +114,67 @@ def build_unit(
         sched.add_param_bucket(flat, copy_in, in_offsets, copy_out, out_offsets, root, label)
         flats.append(flat)
     return SyncUnit(name, plan, transport, sched, flats, list(range(len(plan.buckets))))
+
+
+class _Closed:
+    """Stands in for the scheduler of a closed handle (the sharded optimizer
+    keeps its SyncUnits): any use raises instead of touching freed state."""
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError("this zerocomm handle is closed")
+
+
+def _drain(u: SyncUnit, attempts: int = 3) -> None:
+    """After a failure, wait (GIL released) until the comm worker has left
+    the collective it may still be blocked in: each wait is bounded by the
+    timeout, and the worker, poisoned, skips everything after it."""
+    for _ in range(attempts):
+        try:
+            u.sched.host_synchronize()
+            return
+        except Exception as e:
+            if "timed out" not in str(e):
+                return  # the worker reached the poisoned event: it is idle
+
+
+class _Scheduler(_C.SyncScheduler):
+    """The native scheduler, also holding a view of every buffer registered
+    with it (param flats, grad flats and shards: all the communicator hands
+    to gloo), so `_release` can order the teardown safely."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.buffers: list[torch.Tensor] = []
+
+    def add_param_bucket(self, flat: torch.Tensor, *args: object) -> int:
+        self.buffers.append(flat.view(-1))
+        return super().add_param_bucket(flat, *args)
+
+    def add_grad_bucket(self, flat: torch.Tensor, shard: torch.Tensor, *args: object) -> int:
+        self.buffers += [flat.view(-1), shard.view(-1)]
+        return super().add_grad_bucket(flat, shard, *args)
+
+
+def _release(u: SyncUnit) -> None:
+    """Destroy the scheduler, its comm stream and communicator now, in an
+    order that cannot deadlock.
+
+    Their destructors run under the GIL and join the gloo backend's threads.
+    A backend thread that drops the second-to-last reference to a tensor
+    that has a Python object must take the GIL (torch then releases the
+    PyObject): if that happens while this thread holds the GIL and joins it,
+    the process hangs forever -- seen right after a peer died, while gloo was
+    still freeing the failed work. The views in `sched.buffers` keep one
+    more C++ reference on every buffer gloo can hold (a view owns its base),
+    so gloo's threads never drop the second-to-last one; the views go last,
+    here, on this thread."""
+    sched = u.sched
+    keep = list(getattr(sched, "buffers", []))
+    u.sched = _Closed()
+    u.transport.stream = None
+    u.transport.comm = None
+    del sched  # ~SyncScheduler: joins the worker, then frees the communicator
+    keep.clear()
 
 
 class ParamSync:
@@ -242,16 +303,20 @@ class ParamSync:
         if self._closed:
             return
         self._closed = True
-        self.hooks.remove()
+        self.hooks.remove()  # also drops the hooks' references to the schedulers
         for u in self.units:
             try:
                 u.sched.host_synchronize()
             except Exception:
                 u.sched.abort()
+                _drain(u)
         for u in self.units:
+            flat_ptrs = {f.untyped_storage().data_ptr() for f in u.flats}
             for p in (s.param for s in u.plan.params):
-                if p.data.untyped_storage().data_ptr() in {f.untyped_storage().data_ptr() for f in u.flats}:
+                if p.data.untyped_storage().data_ptr() in flat_ptrs:
                     p.data = p.data.clone()  # detach zero-copy views from the buffer
+        for u in self.units:
+            _release(u)
         self.units = []
         for c in getattr(self, "_detach_from", []):
             # attach() marks the model with what it returned: this ParamSync
