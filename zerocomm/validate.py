@@ -110,9 +110,13 @@ def check_options(
         if optimizer_options:
             raise TypeError(f"unexpected options without an optimizer: {sorted(optimizer_options)}")
         return
-    from .optimizer import ELEMENTWISE
+    import inspect
 
-    allowed = {"master_dtype", "average_grads", "elementwise", "pipeline_step"}
+    from .optimizer import ELEMENTWISE, ZeroOptimizer
+
+    # whatever ZeroOptimizer takes by name besides the sync options
+    allowed = {n for n, p in inspect.signature(ZeroOptimizer.__init__).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY}
     unknown = sorted(set(optimizer_options) - allowed)
     if unknown:
         raise TypeError(f"unexpected attach options {unknown}: expected any of {sorted(allowed)}")
