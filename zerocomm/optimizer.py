@@ -48,6 +48,7 @@ class GradState:
     pending: list[int]  # params still missing per bucket
     launched: int = 0
     bucket_of: dict[int, int] = field(default_factory=dict)  # id(param) -> bucket
+    fired: set[int] = field(default_factory=set)  # id(param) whose grad was handed over this step
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -151,7 +152,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for i in b.params:
                 st.bucket_of[id(plan.params[i].param)] = b.index
                 p = plan.params[i].param
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(ui)))
+                hook = self._make_grad_hook(ui, plan.params[i].name)
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
         self._grad_states.append(st)
 
     def _build_local_params(self, ui: int, u: SyncUnit) -> None:
@@ -206,11 +208,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return local
 
     # -- gradient path ----------------------------------------------------
-    def _make_grad_hook(self, ui: int) -> Callable[[torch.Tensor], None]:
+    def _make_grad_hook(self, ui: int, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             if not self._sync_grads:
                 return
             st = self._grad_states[ui]
+            if id(p) in st.fired:
+                # Its bucket may already be reduced (read on the comm stream):
+                # the grad added now would silently be left out of the step.
+                raise RuntimeError(
+                    f"zerocomm: the gradient of {name!r} was accumulated again after it was "
+                    "handed to the reduction in this step; for gradient accumulation run "
+                    "every backward but the last inside zopt.no_sync()"
+                )
+            st.fired.add(id(p))
             b = st.bucket_of[id(p)]
             st.pending[b] -= 1
             self._launch_ready(ui, flush=False)
@@ -403,6 +414,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             st = self._grad_states[ui]
             st.launched = 0
             st.pending = [len(b.params) for b in u.plan.buckets]
+            st.fired.clear()
         for lp in self._locals:
             lp.tensor.grad, lp.user_grad = lp.user_grad, None
         self._grads_ready = False

@@ -94,3 +94,23 @@ def load_consolidated_state_dict(zopt: "ZeroOptimizer", sd: dict) -> None:
         hyper = {k: v for k, v in sd["param_groups"][gi].items() if k != "params"}
         groups.append({**hyper, "params": [pos[id(t)] for t in g["params"]]})
     zopt.optim.load_state_dict({"state": local_state, "param_groups": groups})
+    refresh_masters(zopt)
+
+
+@torch.no_grad()
+def refresh_masters(zopt: "ZeroOptimizer") -> None:
+    """Take up working parameters written outside zerocomm since attach (the
+    usual resume: model.load_state_dict(...), then the optimizer's). The
+    step updates the masters (the flat shard itself in allgather mode, fp32
+    copies under master_dtype) and the sync copies them over the parameters,
+    so stale masters would silently undo the load. Elements whose working
+    value still equals its master (rounded) keep the master's precision."""
+    zopt.synchronize()
+    for lp in zopt._locals:
+        p = zopt._user_params[lp.index]
+        if lp.tensor is p:  # broadcast mode, no master copy: the parameter itself
+            continue
+        working = p.detach().reshape(-1).narrow(0, lp.start, lp.numel)
+        master = lp.tensor.detach().view(-1)
+        changed = working != master.to(working.dtype)
+        master[changed] = working[changed].to(master.dtype)
