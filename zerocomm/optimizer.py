@@ -481,5 +481,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         load_consolidated_state_dict(self, state_dict)
 
+    def sharded_state_dict(self, **kwargs: Any) -> dict:
+        """This rank's shards of the model and optimizer state, keyed by
+        global names for `torch.distributed.checkpoint` (see zerocomm.checkpoint)."""
+        from .checkpoint import sharded_state_dict
+
+        return sharded_state_dict(self, **kwargs)
+
+    def load_sharded_state_dict(self, state_dict: dict, **kwargs: Any) -> None:
+        """Load what `sharded_state_dict()` produced, possibly on another
+        world size or mode (see zerocomm.checkpoint)."""
+        from .checkpoint import load_sharded_state_dict
+
+        load_sharded_state_dict(self, state_dict, **kwargs)
+
     def __repr__(self) -> str:
         return f"ZeroOptimizer(mode={self.mode}, optimizer={type(self.optim).__name__}, units={len(self.units)})"
