@@ -197,12 +197,17 @@ def _core(rank: int, world: int) -> dict:
             res["to_rank_0"] = zopt.state_dict(to_rank=0)
             sd = res["state_dict"]
             zopt.close()
-            # a fresh ZeroOptimizer resumes as torch users do: model weights,
-            # then the consolidated optimizer state, both after attach
+            # a fresh ZeroOptimizer resumes as torch users do: model weights
+            # and the consolidated optimizer state, both after attach, in
+            # either order (the model's load hook refreshes the masters)
             model2, opt2 = _make(name)
             zopt2 = zerocomm.attach(model2, opt2, mode=mode, bucket_mb=BUCKET_MB)
-            model2.load_state_dict(model.state_dict())
-            zopt2.load_state_dict(copy.deepcopy(sd))
+            if list(_OPTIMIZERS).index(name) % 2:
+                model2.load_state_dict(model.state_dict())
+                zopt2.load_state_dict(copy.deepcopy(sd))
+            else:
+                zopt2.load_state_dict(copy.deepcopy(sd))
+                model2.load_state_dict(model.state_dict())
             _train(model2, zopt2, range(STEPS, STEPS + RESUME_STEPS), rank, world, sharded=True)
             zopt2.synchronize()
             res["resumed"] = _params(model2)

@@ -117,6 +117,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for lp in self._locals:
             self._bucket_locals.setdefault(lp.bucket, []).append(lp)
         self.defaults = self.optim.defaults
+        # model.load_state_dict after attach: wait for the sync first (it
+        # writes the parameters), then take the loaded values into the
+        # masters, or the next step would silently undo the load.
+        for c in chunks:
+            self._hooks.append(c.register_load_state_dict_pre_hook(lambda *_: self.synchronize()))
+            self._hooks.append(c.register_load_state_dict_post_hook(lambda *_: self.refresh_masters()))
         # torch.optim.Optimizer bookkeeping (hooks used by LR schedulers and
         # profilers); the state itself lives in self.optim.
         self._optimizer_step_pre_hooks: dict = OrderedDict()
@@ -435,6 +441,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Current stream waits for the parameter sync (call before reading
         parameters outside a forward pass)."""
         self.sync.synchronize()
+
+    def refresh_masters(self) -> None:
+        """Take up parameter values written outside zerocomm since attach
+        (re-initialisation, pretrained weights copied in). Not needed after
+        `model.load_state_dict`, which calls it. Collective-free."""
+        from .optimizer_state import refresh_masters
+
+        refresh_masters(self)
 
     def close(self) -> None:
         for h in self._hooks:
