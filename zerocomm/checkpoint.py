@@ -34,6 +34,8 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from .optimizer_state import _local_positions
+
 if TYPE_CHECKING:
     from .optimizer import ZeroOptimizer
 
@@ -119,15 +121,6 @@ def _is_elementwise(key: str, v: Any, local: torch.Tensor) -> bool:
     if not torch.is_tensor(v) or v.numel() != local.numel():
         return False
     return v.dim() > 0 or (local.dim() == 0 and key != "step")
-
-
-def _local_positions(zopt: "ZeroOptimizer") -> dict[int, int]:
-    pos, k = {}, 0
-    for g in zopt.optim.param_groups:
-        for t in g["params"]:
-            pos[id(t)] = k
-            k += 1
-    return pos
 
 
 def _by_param(entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
