@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .param_sync import ParamSync, SyncUnit, owned_pieces
 from .partition import Plan
+from .validate import check_elementwise
 
 REDUCE_SCATTER = -1  # scheduler root code
 
@@ -69,13 +70,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ) -> None:
         mode = sync_options["mode"]
         name = type(optimizer).__name__
-        is_elementwise = elementwise if elementwise is not None else name in ELEMENTWISE
-        if mode == "allgather" and not is_elementwise:
-            raise ValueError(
-                f"{name} is not an element-wise optimizer, so it cannot step slices of "
-                "parameters (allgather mode): use mode='broadcast', which steps whole "
-                "parameters, or pass elementwise=True if its update really is element-wise"
-            )
+        is_elementwise = check_elementwise(optimizer, mode, elementwise)
         if master_dtype is not None and not master_dtype.is_floating_point:
             raise TypeError(f"master_dtype must be a floating dtype, got {master_dtype}")
         self.mode = mode

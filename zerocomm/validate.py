@@ -112,7 +112,7 @@ def check_options(
         return
     import inspect
 
-    from .optimizer import ELEMENTWISE, ZeroOptimizer
+    from .optimizer import ZeroOptimizer
 
     # whatever ZeroOptimizer takes by name besides the sync options
     allowed = {n for n, p in inspect.signature(ZeroOptimizer.__init__).parameters.items()
@@ -123,14 +123,23 @@ def check_options(
     master = optimizer_options.get("master_dtype")
     if master is not None and not (isinstance(master, torch.dtype) and master.is_floating_point):
         raise TypeError(f"master_dtype must be a floating dtype, got {master}")
+    check_elementwise(optimizer, mode, optimizer_options.get("elementwise"))
+
+
+def check_elementwise(optimizer: torch.optim.Optimizer, mode: str, elementwise: bool | None) -> bool:
+    """Whether the optimizer's update is element-wise (`elementwise`
+    overrides the list); allgather mode steps slices and needs one."""
+    from .optimizer import ELEMENTWISE
+
     name = type(optimizer).__name__
-    elementwise = optimizer_options.get("elementwise")
-    if mode == "allgather" and not (name in ELEMENTWISE if elementwise is None else elementwise):
+    is_elementwise = name in ELEMENTWISE if elementwise is None else bool(elementwise)
+    if mode == "allgather" and not is_elementwise:
         raise ValueError(
             f"{name} is not an element-wise optimizer, so it cannot step slices of "
             "parameters (allgather mode): use mode='broadcast', which steps whole "
             "parameters, or pass elementwise=True if its update really is element-wise"
         )
+    return is_elementwise
 
 
 def plan_fingerprint(
