@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from .optimizer_state import _local_positions
+from .optimizer_state import _local_positions, refresh_masters
 
 if TYPE_CHECKING:
     from .optimizer import ZeroOptimizer
@@ -229,16 +229,10 @@ def load_sharded_state_dict(zopt: "ZeroOptimizer", state_dict: dict[str, Any]) -
             src = state_dict[MODEL + _prefix(zopt, c) + k]
             if src.data_ptr() != dst.data_ptr():
                 dst.copy_(src)
-    # The flat sync buffers hold the parameters too; in allgather mode this
-    # rank's slice of them IS its master shard.
-    for u in zopt.units:
-        for b in u.plan.buckets:
-            flat = u.flats[b.index]
-            for i, off in zip(b.params, b.offsets):
-                p = u.plan.params[i].param.detach().reshape(-1)
-                dst = flat.narrow(0, off, p.numel())
-                if dst.data_ptr() != p.data_ptr():
-                    dst.copy_(p)
+    # In allgather mode this rank's slice of the flat sync buffer IS its
+    # master shard: take the loaded parameters up (saved fp32 masters below
+    # then replace the separate ones).
+    refresh_masters(zopt)
     names = _param_names(zopt)
     pos = _local_positions(zopt)
     local_state: dict[int, dict[str, Any]] = {}
