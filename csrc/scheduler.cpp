@@ -163,12 +163,16 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
                     "no gradient bucket ", i);
   auto b = grads_[i];
   check_tensors(grads, b->in_layout, b->flat, b->label.c_str());
-  // The grads were produced on the compute stream (autograd's): wait for it.
+  // [Note: gradient ownership] The gradients are copied into the bucket now,
+  // on the caller's compute stream (CPU: this thread), not later on the comm
+  // stream: from here on the reduction reads only zerocomm's own buffer, so
+  // whatever edits p.grad afterwards (clip_grad_norm_, GradScaler, another
+  // all-reduce) cannot race with it. The previous step's use of `flat` was
+  // ordered before this stream by wait_grad.
+  flatten(grads, b->in_layout, b->flat);
   stream_->wait(stream_->record_current(), timeout_, "backward");
-  for (const auto& g : grads) stream_->keep_alive(g);
   auto comm = comm_;
-  b->done = enqueue_traced(b->label, [b, comm, grads, average] {
-    flatten(grads, b->in_layout, b->flat);
+  b->done = enqueue_traced(b->label, [b, comm, average] {
     if (b->root == kReduceScatter) comm->reduce_scatter(b->flat, b->shard, average);
     else if (b->root == kAllReduce) comm->all_reduce(b->flat, average);
     else comm->reduce(b->flat, b->root, average);

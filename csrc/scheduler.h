@@ -56,7 +56,8 @@ class SyncScheduler {
   // The caller's compute stream waits for param bucket `i` (GPU-side on
   // CUDA). No-op before the bucket's first launch.
   void wait_param(int64_t i);
-  // Enqueue the reduction of `grads` (in the bucket's slot order).
+  // Copy `grads` (in the bucket's slot order) into the bucket on the caller's
+  // stream now, then enqueue its reduction (see [Note: gradient ownership]).
   void reduce_grads(int64_t i, std::vector<at::Tensor> grads, bool average);
   void wait_grad(int64_t i);
   // Compute stream waits for everything enqueued so far.
