@@ -168,7 +168,10 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
   // stream: from here on the reduction reads only zerocomm's own buffer, so
   // whatever edits p.grad afterwards (clip_grad_norm_, GradScaler, another
   // all-reduce) cannot race with it. The previous step's use of `flat` was
-  // ordered before this stream by wait_grad.
+  // ordered before this stream by wait_grad -- unless that step was
+  // abandoned (an exception between backward and step), so wait for it here
+  // (a completed event: no cost).
+  if (b->done) b->done->block_current(timeout_, "the previous reduction of " + b->label);
   flatten(grads, b->in_layout, b->flat);
   stream_->wait(stream_->record_current(), timeout_, "backward");
   auto comm = comm_;

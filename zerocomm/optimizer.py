@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import guards
 from .param_sync import ParamSync, SyncUnit, owned_pieces
 from .partition import Plan
-from .validate import check_elementwise
+from .validate import all_params, check_elementwise
 
 REDUCE_SCATTER = -1  # scheduler root code
 
@@ -95,6 +96,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.sync = ParamSync(chunks, copy_in_params=copy_in, **sync_options)
         self.units = self.sync.units
         self.device = sync_options["device"]
+        # [Note: user writes between steps]: what the user may change between
+        # steps, checked at the next step instead of silently ignored.
+        planned = {id(s.param) for u in self.units for s in u.plan.params}
+        names = {id(p): n for n, p in all_params(chunks)}
+        self._unplanned = [(names.get(id(p), f"param {i}"), p)
+                           for i, p in enumerate(self._user_params) if id(p) not in planned]
+        self._grad_watch = guards.GradWatch()
+        self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s)
+                          for u in self.units]
+        self._has_grad: list[list[bool]] | None = None  # per unit, per plan param, this step
+        self._ddp: nn.Module | None = None  # the DDP wrapper whose all-reduce made this step's grads
+        self._versions: list[int] = []
         self._sync_grads = True
         self._grads_ready = False
         self._grads_bound = False
@@ -118,6 +131,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for c in chunks:
             self._hooks.append(c.register_load_state_dict_pre_hook(lambda *_: self.synchronize()))
             self._hooks.append(c.register_load_state_dict_post_hook(lambda *_: self.refresh_masters()))
+            self._hooks.append(c.register_forward_pre_hook(self._note_ddp))
+        self._record_versions()
         # torch.optim.Optimizer bookkeeping (hooks used by LR schedulers and
         # profilers); the state itself lives in self.optim.
         self._optimizer_step_pre_hooks: dict = OrderedDict()
@@ -211,8 +226,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # -- gradient path ----------------------------------------------------
     def _make_grad_hook(self, ui: int, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            if not self._sync_grads:
-                return
+            if not self._sync_grads or self._ddp is not None:
+                return  # accumulating, or DDP reduces: [Note: DDP-wrapped models]
             st = self._grad_states[ui]
             if id(p) in st.fired:
                 # Its bucket may already be reduced (read on the comm stream):
@@ -238,20 +253,56 @@ class ZeroOptimizer(torch.optim.Optimizer):
             bucket = u.plan.buckets[b]
             grads = []
             for i in bucket.params:
-                p = u.plan.params[i].param
-                grads.append(p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+                spec = u.plan.params[i]
+                self._grad_watch.record(spec.name, spec.param)
+                g = spec.param.grad
+                grads.append(g.detach() if g is not None else torch.zeros_like(spec.param))
             u.sched.reduce_grads(b, grads, self.average_grads)
             st.launched += 1
 
     def _finish_grads(self) -> None:
-        """Launch what backward has not, and make the compute stream wait."""
+        """Launch what backward has not, make the compute stream wait, and
+        agree across ranks which parameters have a gradient this step."""
         if self._grads_ready:
+            return
+        self._grads_ready = True
+        local = [[s.param.grad is not None for s in u.plan.params] for u in self.units]
+        if self._ddp is not None:
+            for ui in range(len(self.units)):
+                self._take_ddp_grads(ui)
+            self._has_grad = local  # DDP's all-reduce already made them agree
             return
         for ui, u in enumerate(self.units):
             self._launch_ready(ui, flush=True)
+        self._has_grad = [pres.agree(flags) for pres, flags in zip(self._presence, local)]
+        for u in self.units:
             for b in range(len(u.plan.buckets)):
                 u.sched.wait_grad(b)
-        self._grads_ready = True
+        self._grad_watch.check()
+
+    def _take_ddp_grads(self, ui: int) -> None:
+        """[Note: DDP-wrapped models] DDP has averaged p.grad over the same
+        ranks: copy this rank's part into the reduced-gradient buffers, with
+        no collective of zerocomm's own (read after backward, so any clipping
+        of model parameters' grads is part of it)."""
+        u = self.units[ui]
+        for b in u.plan.buckets:
+            if u.plan.mode == "broadcast" and b.owner != u.rank:
+                continue
+            flat = self._grad_flats[ui][b.index]
+            for i, off in zip(b.params, b.offsets):
+                p = u.plan.params[i].param
+                dst = flat.narrow(0, off, p.numel())
+                dst.copy_(p.grad.detach().view(-1)) if p.grad is not None else dst.zero_()
+            shard = self._grad_shards[ui][b.index]
+            if shard is not None:
+                shard.copy_(flat.narrow(0, u.shard_range(b)[0], b.shard_numel))
+
+    def _note_ddp(self, module: nn.Module, args: object) -> None:
+        ddp = guards.active_ddp(module)
+        if ddp is not None and ddp is not self._ddp:
+            guards.check_ddp(ddp, [u.group for u in self.units], self.average_grads)
+        self._ddp = ddp
 
     def _bind_grads(self) -> None:
         """Point every local tensor's .grad at its reduced gradient (once per
@@ -260,8 +311,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return
         self._grads_bound = True
         k = 0
+        assert self._has_grad is not None  # set by _finish_grads
         for ui, u in enumerate(self.units):
             plan = u.plan
+            has_grad = self._has_grad[ui]
             for b in plan.buckets:
                 if plan.mode == "broadcast":
                     if b.owner != u.rank:
@@ -273,17 +326,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         g = flat.narrow(0, off, lp.numel).view(plan.params[i].shape)
                         if lp.tensor is plan.params[i].param and lp.user_grad is None:
                             lp.user_grad = lp.tensor.grad  # handed back after the step
-                        lp.tensor.grad = g if g.dtype == lp.tensor.dtype else g.to(lp.tensor.dtype)
+                        if not has_grad[i]:
+                            lp.tensor.grad = None  # torch skips it: no rank has a gradient
+                        else:
+                            lp.tensor.grad = g if g.dtype == lp.tensor.dtype else g.to(lp.tensor.dtype)
                     continue
                 lo, hi = u.shard_range(b)
                 shard = self._grad_shards[ui][b.index]
                 master = self._masters[ui][b.index]
                 if shard.dtype != master.dtype:
                     shard = shard.to(master.dtype)
-                for _i, _start, at in owned_pieces(b, plan, lo, hi):
+                for i, _start, at in owned_pieces(b, plan, lo, hi):
                     lp = self._locals[k]
                     k += 1
-                    lp.tensor.grad = shard.narrow(0, at - lo, lp.numel)
+                    lp.tensor.grad = shard.narrow(0, at - lo, lp.numel) if has_grad[i] else None
 
     def _local_grads(self) -> list[torch.Tensor]:
         return [lp.tensor.grad for lp in self._locals if lp.tensor.grad is not None]
@@ -361,6 +417,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise NotImplementedError(
+                "zerocomm: GradScaler (fp16 loss scaling) is not supported: its unscale_ and inf "
+                "checks see only this rank's shard. Train in bf16 (no scaler needed), or scale the "
+                "loss yourself and pass the inverse to zopt.clip_grad_norm_"
+            )
+        guards.check_trainable(self._unplanned)
+        moved = self.sync.rebind_moved_params()
+        if moved or self._versions_changed():
+            self.refresh_masters()  # take up writes made outside zerocomm since the last step
         self._finish_grads()
         self._bind_grads()
         if self.pipeline_step:
@@ -372,7 +438,26 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self._write_back(ui, b)
             self.sync.launch()
         self._reset_grad_state()
+        self._record_versions()
         return loss
+
+    # GradScaler.step calls step() itself (setting grad_scale / found_inf)
+    # instead of unscaling the local shards, so step() can refuse it clearly.
+    _step_supports_amp_scaling = True
+
+    def _plan_params(self) -> Iterator[torch.Tensor]:
+        for u in self.units:
+            for s in u.plan.params:
+                yield s.param
+
+    def _record_versions(self) -> None:
+        self._versions = [p._version for p in self._plan_params()]
+
+    def _versions_changed(self) -> bool:
+        """A parameter written in place since the last step (nn.init.*_,
+        copy_ of pretrained weights): the masters must take it up, or the
+        step would silently undo the write (allgather mode, master_dtype)."""
+        return any(p._version != v for p, v in zip(self._plan_params(), self._versions))
 
     def _step_bucket(self, ui: int, b: int) -> None:
         """Step only the local tensors of bucket (ui, b), then write back."""
@@ -416,6 +501,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             st.launched = 0
             st.pending = [len(b.params) for b in u.plan.buckets]
             st.fired.clear()
+        self._grad_watch.clear()
+        self._has_grad = None
         for lp in self._locals:
             lp.tensor.grad, lp.user_grad = lp.user_grad, None
         self._grads_ready = False
@@ -449,6 +536,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for pres in self._presence:
+            pres.close()
         self.sync.close()
 
     @property

@@ -42,6 +42,10 @@ class SyncUnit:
     flats: list[torch.Tensor]
     group: dist.ProcessGroup | None = None  # the user's group it syncs over
     order: list[int] = field(default_factory=list)  # bucket launch order
+    # per plan param: the storage the scheduler copies from/into (the
+    # parameter's own at attach, or its slice of the flat buffer with
+    # zero_copy); a parameter rebound elsewhere is put back on it
+    bound: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -113,7 +117,29 @@ def build_unit(
         )
         sched.add_param_bucket(flat, copy_in, in_offsets, copy_out, out_offsets, root, label)
         flats.append(flat)
-    return SyncUnit(name, plan, transport, sched, flats, list(range(len(plan.buckets))))
+    bound = [s.param.detach() for s in plan.params]
+    return SyncUnit(name, plan, transport, sched, flats, list(range(len(plan.buckets))), bound=bound)
+
+
+@dataclass
+class _Slot:
+    """Where a module holds a plan parameter (tied ones have several)."""
+
+    module: nn.Module
+    attr: str
+    param: nn.Parameter
+    name: str
+
+
+def _slots(chunks: list[nn.Module], units: list[SyncUnit]) -> list[_Slot]:
+    names = {id(s.param): s.name for u in units for s in u.plan.params}
+    out = []
+    for chunk in chunks:
+        for m in chunk.modules():
+            for attr, p in m.named_parameters(recurse=False):
+                if id(p) in names:
+                    out.append(_Slot(m, attr, p, names[id(p)]))
+    return out
 
 
 class _Closed:
@@ -231,6 +257,7 @@ class ParamSync:
         for chunk in chunks:
             inside = {id(m) for m in chunk.modules()}
             roots[chunk] = {w for m, ws in waits.items() if id(m) in inside for w in ws}
+        self._slots = _slots(chunks, self.units)
         self.hooks = BlockHooks(waits, roots, on_first_call=self._record_first_call)
         self.hooks.install()
         _OPEN_HANDLES.add(self)
@@ -253,6 +280,7 @@ class ParamSync:
         bucket is enqueued: the sharded optimizer steps that bucket's shard
         there, so its sync starts while later buckets are still stepping."""
         self._check_open()
+        self.rebind_moved_params()
         if not self._launched:
             self._learn_forward_order()
             self._launched = True
@@ -264,6 +292,48 @@ class ParamSync:
             u.sched.launch([b])
             launched.append((u.sched, b))
         self.hooks.arm(launched)
+
+    def rebind_moved_params(self) -> list[str]:
+        """[Note: user writes between steps] A parameter whose `.data` was
+        rebound since attach (`p.data = p.data.clone()`, `p.data = new`)
+        would leave the scheduler copying stale storage and the ranks would
+        silently diverge: its new values are copied into the storage
+        zerocomm syncs and the parameter is pointed back at it, as if the
+        user had written in place. A module whose parameter object was
+        replaced (`load_state_dict(..., assign=True)`, `setattr`) raises:
+        neither zerocomm nor the user's optimizer would ever step the new
+        one. Returns the names of the parameters put back."""
+        for s in self._slots:
+            if getattr(s.module, s.attr, None) is not s.param:
+                raise RuntimeError(
+                    f"zerocomm: parameter {s.name!r} was replaced by a new Parameter object after "
+                    "attach (load_state_dict(..., assign=True) or setattr on the module); neither the "
+                    "optimizer nor zerocomm would ever update the new one. Load or copy in place "
+                    "instead (load_state_dict without assign=True, p.data.copy_(...)), or attach after "
+                    "building the model"
+                )
+        moved: list[tuple[SyncUnit, int]] = []
+        for u in self.units:
+            for i, (spec, bound) in enumerate(zip(u.plan.params, u.bound)):
+                p = spec.param
+                if p.data_ptr() == bound.data_ptr() and p.shape == bound.shape:
+                    continue
+                if p.shape != bound.shape or p.dtype != bound.dtype or p.device != bound.device:
+                    raise RuntimeError(
+                        f"zerocomm: parameter {spec.name!r} was rebound after attach to a tensor of "
+                        f"shape {tuple(p.shape)}, {p.dtype} on {p.device} (attached as "
+                        f"{tuple(bound.shape)}, {bound.dtype} on {bound.device}); zerocomm's buffers "
+                        "cannot follow: close() and attach again"
+                    )
+                moved.append((u, i))
+        if moved:
+            for u in self.units:
+                u.sched.synchronize()  # the sync may still write the old storage
+            for u, i in moved:
+                p, bound = u.plan.params[i].param, u.bound[i]
+                bound.copy_(p.detach())
+                p.data = bound
+        return [u.plan.params[i].name for u, i in moved]
 
     def synchronize(self) -> None:
         """The current stream waits for every launched sync (CPU: the host

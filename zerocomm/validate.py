@@ -15,15 +15,20 @@ from .partition import build_plan
 SYNCABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def trainable_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+def all_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter once, by its first qualified name."""
     seen: set[int] = set()
     out = []
     for c, chunk in enumerate(chunks):
         for name, p in chunk.named_parameters():
-            if p.requires_grad and id(p) not in seen:
+            if id(p) not in seen:
                 seen.add(id(p))
                 out.append((name if len(chunks) == 1 else f"chunk{c}.{name}", p))
     return out
+
+
+def trainable_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in all_params(chunks) if p.requires_grad]
 
 
 def check_model(chunks: list[nn.Module], optimizer: torch.optim.Optimizer | None) -> torch.device:

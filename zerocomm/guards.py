@@ -1,0 +1,138 @@
+"""What a user may have changed between two steps, found before it can make
+a step silently differ from plain torch (see docs/design.md, [Note: user
+writes between steps]).
+
+- `GradWatch`: gradients handed to the reduction and then edited in place
+  (`torch.nn.utils.clip_grad_norm_(model.parameters())`, `GradScaler`).
+- `GradPresence`: which parameters have a gradient on *any* rank this step;
+  torch's optimizers skip a parameter whose `.grad` is None, so a parameter
+  without a gradient on every rank must not be stepped.
+- `active_ddp`: the model runs inside `DistributedDataParallel`, whose own
+  all-reduce then produces the gradients (reduce once, never twice).
+- `check_trainable`: `requires_grad` turned on after attach.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+CLIP_HINT = (
+    "clip with zopt.clip_grad_norm_(max_norm) (the true global norm), or wrap the model in "
+    "DistributedDataParallel (then zerocomm steps DDP's all-reduced p.grad and torch's "
+    "clip_grad_norm_ on model parameters is exact)"
+)
+
+
+@dataclass
+class _Handed:
+    name: str
+    param: torch.Tensor
+    grad: torch.Tensor
+    version: int
+
+
+@dataclass
+class GradWatch:
+    """Remembers each gradient as it was handed to the reduction (which
+    copied it: [Note: gradient ownership]); an edit after that would be
+    silently left out of the step, so `check()` raises instead."""
+
+    handed: list[_Handed] = field(default_factory=list)
+
+    def record(self, name: str, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self.handed.append(_Handed(name, p, p.grad, p.grad._version))
+
+    def check(self) -> None:
+        for h in self.handed:
+            g = h.param.grad
+            if g is h.grad and g._version == h.version:
+                continue
+            what = "set to None or replaced" if g is not h.grad else "modified in place"
+            raise RuntimeError(
+                f"zerocomm: the gradient of {h.name!r} was {what} after backward handed it to "
+                "zerocomm's gradient reduction, so the change would be silently left out of the "
+                f"step (e.g. torch.nn.utils.clip_grad_norm_(model.parameters()) or "
+                f"GradScaler.unscale_ between backward and step); {CLIP_HINT}"
+            )
+
+    def clear(self) -> None:
+        self.handed.clear()
+
+
+class GradPresence:
+    """OR over the ranks of "this parameter has a gradient", on a private
+    gloo backend (host memory: no device sync on the CUDA path, and never the
+    user's group, which may be busy with the user's own collectives)."""
+
+    def __init__(self, group: dist.ProcessGroup, world_size: int, timeout_s: float) -> None:
+        self.backend: dist.ProcessGroup | None = None
+        if world_size > 1:
+            rank = dist.get_rank(group)
+            box = [f"zerocomm-presence/{uuid.uuid4().hex}" if rank == 0 else None]
+            dist.broadcast_object_list(box, group=group, group_src=0)
+            store = dist.PrefixStore(str(box[0]), dist.distributed_c10d._get_default_store())
+            self.backend = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+
+    def agree(self, local: list[bool]) -> list[bool]:
+        if self.backend is None or not local:
+            return local
+        flags = torch.tensor(local, dtype=torch.uint8)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.backend.allreduce([flags], opts).wait()
+        return flags.bool().tolist()
+
+    def close(self) -> None:
+        self.backend = None
+
+
+def active_ddp(module: nn.Module) -> DistributedDataParallel | None:
+    """The DistributedDataParallel this forward of `module` runs inside, if any."""
+    if isinstance(module, DistributedDataParallel):
+        return module
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is None:
+        return None
+    inner = ddp.module
+    return ddp if inner is module or any(m is module for m in inner.modules()) else None
+
+
+def check_ddp(ddp: DistributedDataParallel, groups: list[dist.ProcessGroup], average_grads: bool) -> None:
+    """zerocomm uses DDP's all-reduced gradients as its reduced gradients:
+    only valid when DDP averages over exactly zerocomm's groups."""
+    if not average_grads:
+        raise ValueError(
+            "zerocomm: the model is wrapped in DistributedDataParallel, which averages gradients, "
+            "but attach(average_grads=False) asks for sums; drop average_grads=False or do not wrap "
+            "the model in DDP"
+        )
+    ddp_ranks = dist.get_process_group_ranks(ddp.process_group)
+    for g in groups:
+        if dist.get_process_group_ranks(g) != ddp_ranks:
+            raise ValueError(
+                "zerocomm: the model is wrapped in DistributedDataParallel over ranks "
+                f"{ddp_ranks}, but zerocomm reduces over ranks {dist.get_process_group_ranks(g)} "
+                "(e.g. an expert_group); do not wrap the model in DDP: zerocomm reduces the "
+                "gradients itself"
+            )
+
+
+def check_trainable(unplanned: list[tuple[str, torch.Tensor]]) -> None:
+    """Parameters frozen at attach have no optimizer state and no sync slot:
+    one made trainable since would silently never move."""
+    for name, p in unplanned:
+        if p.requires_grad or p.grad is not None:
+            raise RuntimeError(
+                f"zerocomm: parameter {name!r} was frozen (requires_grad=False) at attach and is "
+                "trainable now; zerocomm holds no optimizer state or sync slot for it, so it would "
+                "silently never move. Set requires_grad before zerocomm.attach, or re-attach: "
+                "sd = zopt.state_dict(); zopt.close(); zopt = zerocomm.attach(model, optimizer, ...); "
+                "zopt.load_state_dict(sd)"
+            )
