@@ -132,6 +132,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._hooks.append(c.register_load_state_dict_pre_hook(lambda *_: self.synchronize()))
             self._hooks.append(c.register_load_state_dict_post_hook(lambda *_: self.refresh_masters()))
             self._hooks.append(c.register_forward_pre_hook(self._note_ddp))
+            # model.state_dict() reads the parameters: the sync must have landed
+            self._hooks.append(c.register_state_dict_pre_hook(lambda *_: self.synchronize()))
         self._record_versions()
         # torch.optim.Optimizer bookkeeping (hooks used by LR schedulers and
         # profilers); the state itself lives in self.optim.

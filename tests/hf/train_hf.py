@@ -1,0 +1,98 @@
+"""One HF training run under torchrun (2 gloo ranks on CPU): the standard
+Trainer or an Accelerate loop, with plain AdamW or through zerocomm. Writes
+each rank's final parameters (and losses) to OUT/rank{r}.pt.
+
+    torchrun --nproc-per-node 2 tests/hf/train_hf.py {trainer,accelerate} {plain,broadcast,allgather} OUT
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+STEPS, ACCUM, BATCH, MAX_NORM = 4, 2, 2, 0.5
+
+
+def build_model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def dataset() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (STEPS * ACCUM * BATCH * 2, 16), generator=g)
+    return [{"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)} for x in ids]
+
+
+def optimizers(model: torch.nn.Module, variant: str):
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    if variant != "plain":
+        import zerocomm
+
+        opt = zerocomm.attach(model, opt, mode=variant)
+    return opt, get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=STEPS)
+
+
+def run_trainer(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
+    from transformers import Trainer, TrainingArguments
+
+    from zerocomm.integrations.transformers import ZeroTrainer
+
+    args = TrainingArguments(
+        output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM, max_steps=STEPS, max_grad_norm=MAX_NORM, use_cpu=True,
+        report_to=[], logging_steps=1, save_strategy="steps", save_steps=STEPS, seed=0,
+        ddp_backend="gloo", dataloader_num_workers=0, disable_tqdm=True,
+    )
+    model = build_model()
+    opt, sched = optimizers(model, variant)
+    cls = Trainer if variant == "plain" else ZeroTrainer
+    trainer = cls(model=model, args=args, train_dataset=dataset(), optimizers=(opt, sched))
+    trainer.train()
+    return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def run_accelerate(variant: str) -> tuple[torch.nn.Module, list[float]]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=ACCUM, cpu=True)
+    model = build_model()
+    opt, sched = optimizers(model, variant)
+    data = torch.utils.data.DataLoader(dataset(), batch_size=BATCH, shuffle=False)
+    model, opt, data, sched = accelerator.prepare(model, opt, data, sched)
+    losses = []
+    for batch in data:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), MAX_NORM)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        losses.append(loss.item())
+    return accelerator.unwrap_model(model), losses
+
+
+def main() -> None:
+    kind, variant, out = sys.argv[1:4]
+    model, losses = run_trainer(variant, out) if kind == "trainer" else run_accelerate(variant)
+    rank = dist.get_rank()
+    # state_dict() waits for zerocomm's parameter sync by itself
+    params = {n: t.clone() for n, t in model.state_dict().items()}
+    torch.save({"params": params, "losses": losses}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

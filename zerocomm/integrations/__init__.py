@@ -1,0 +1,2 @@
+"""Integrations with training frameworks (imported on demand: each module
+imports its framework)."""
