@@ -88,7 +88,7 @@ def _reference(case: str) -> dict[str, torch.Tensor]:
 
 
 CASES = ("ddp_clip", "skip", "freeze", "rebind", "reinit", "no_backward")
-ERROR_CASES = ("clip_model_params", "unfreeze", "assign", "grad_scaler")
+ERROR_CASES = ("clip_model_params", "unfreeze", "assign", "grad_scaler", "grad_scaler_unscale")
 
 
 def _sharded(case: str, mode: str, pipeline: bool, rank: int) -> dict[str, torch.Tensor]:
@@ -126,7 +126,7 @@ def _error(case: str, mode: str, rank: int) -> str:
     try:
         scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
         loss = _loss(model, 0, rank)
-        (scaler.scale(loss) if case == "grad_scaler" else loss).backward()
+        (scaler.scale(loss) if case.startswith("grad_scaler") else loss).backward()
         if case == "clip_model_params":
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
         if case == "unfreeze":
@@ -134,7 +134,9 @@ def _error(case: str, mode: str, rank: int) -> str:
         if case == "assign":
             sd = {k: v.clone() for k, v in model.state_dict().items()}
             model.load_state_dict(sd, assign=True)
-        if case == "grad_scaler":
+        if case == "grad_scaler_unscale":
+            scaler.unscale_(zopt)  # the documented way to clip with a scaler
+        if case.startswith("grad_scaler"):
             scaler.step(zopt)
             scaler.update()
         else:
@@ -201,6 +203,7 @@ def test_ddp_runs_repeat_bitwise() -> None:
     ("unfreeze", ["'blocks.3.weight'", "frozen", "before zerocomm.attach"]),
     ("assign", ["replaced by a new Parameter", "assign=True"]),
     ("grad_scaler", ["NotImplementedError", "GradScaler"]),
+    ("grad_scaler_unscale", ["NotImplementedError", "GradScaler"]),
 ])
 def test_forbidden_patterns_raise_on_every_rank(case: str, words: list[str], mode: str) -> None:
     res = _results()

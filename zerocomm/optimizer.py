@@ -1,6 +1,6 @@
 """ZeroOptimizer: the user's optimizer rebuilt over this rank's shard (ZeRO-1),
 with gradient reduction overlapped with backward and the parameter sync
-overlapped with the next forward (DESIGN.md steps 3, 6, 7)."""
+overlapped with the next forward (docs/design.md, "Data flow of one step" 3-4)."""
 from __future__ import annotations
 
 import contextlib
