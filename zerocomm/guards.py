@@ -86,7 +86,13 @@ class GradPresence:
         flags = torch.tensor(local, dtype=torch.uint8)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        self.backend.allreduce([flags], opts).wait()
+        try:
+            self.backend.allreduce([flags], opts).wait()
+        except Exception as e:
+            raise RuntimeError(
+                "zerocomm: exchanging which parameters have gradients (after every bucket's "
+                f"gradient reduction, before the step) failed: {e}"
+            ) from e
         return flags.bool().tolist()
 
     def close(self) -> None:

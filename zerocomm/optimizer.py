@@ -276,10 +276,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return
         for ui, u in enumerate(self.units):
             self._launch_ready(ui, flush=True)
-        self._has_grad = [pres.agree(flags) for pres, flags in zip(self._presence, local)]
-        for u in self.units:
+        for u in self.units:  # first: a dead peer is reported as the failed reduction it is
             for b in range(len(u.plan.buckets)):
                 u.sched.wait_grad(b)
+        self._has_grad = [pres.agree(flags) for pres, flags in zip(self._presence, local)]
         self._grad_watch.check()
 
     def _take_ddp_grads(self, ui: int) -> None:
