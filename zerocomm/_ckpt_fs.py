@@ -1,0 +1,523 @@
+"""Files, locks and rank coordination behind `zerocomm.checkpoint`.
+
+Layout of a checkpoint directory written by zerocomm:
+
+    .metadata, __<rank>_<i>.distcp   torch.distributed.checkpoint's own files (tensors)
+    zerocomm.pt                      meta, step, extra, param groups: plain data
+                                     (torch.save, read back with weights_only=True)
+    zerocomm.json                    marker, written last: format, save token and the
+                                     sha256 of every other file
+
+Only a directory holding that marker is treated as zerocomm's: anything else at
+a checkpoint path is refused, never moved or removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+FORMAT = 2
+KIND = "zerocomm-checkpoint"
+MARKER, ENTRIES, METADATA = "zerocomm.json", "zerocomm.pt", ".metadata"
+SAVING_MARK = "zerocomm-saving.json"  # in a save's temp directory from its creation on
+OLD_SUFFIX = ".old"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint operation failed; raised on every rank with the same message."""
+
+
+def describe(e: BaseException) -> str:
+    """One line for an error, DCP's CheckpointException reduced to its first
+    underlying error (its own text is only 'CheckpointException ranks:...')."""
+    if isinstance(e, CheckpointException):
+        for rank, failure in sorted(e.failures.items()):
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            return f"rank {rank}: {type(inner).__name__}: {inner}"
+    if isinstance(e, CheckpointError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def as_exception(e: BaseException) -> Exception:
+    """DCP's CheckpointException is a BaseException that `except Exception`
+    misses: turn it into a RuntimeError carrying the first underlying error."""
+    if isinstance(e, CheckpointException):
+        err = CheckpointError(f"torch.distributed.checkpoint failed on {describe(e)}")
+        err.__cause__ = e
+        return err
+    if isinstance(e, Exception):
+        return e
+    raise e  # KeyboardInterrupt, SystemExit: not ours to convert
+
+
+# ------------------------------------------------------------------ paths
+
+
+@dataclass(frozen=True)
+class Paths:
+    target: str  # absolute, no trailing slash: temp and lock stay beside it, not inside
+    parent: str
+    name: str
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.parent, f".{self.name}.lock")
+
+    @property
+    def old(self) -> str:
+        return self.target + OLD_SUFFIX
+
+    def temp(self, token: str) -> str:
+        return os.path.join(self.parent, f".{self.name}.saving-{token}")
+
+    def is_temp(self, entry: str) -> bool:
+        return re.fullmatch(rf"\.{re.escape(self.name)}\.saving-[0-9a-f]{{32}}", entry) is not None
+
+
+def normalise(path: str | os.PathLike) -> Paths:
+    raw = os.fspath(path)
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"checkpoint path must be a non-empty str or os.PathLike, got {path!r}")
+    target = os.path.abspath(raw)  # also drops a trailing slash
+    parent, name = os.path.split(target)
+    if not name:
+        raise ValueError(f"checkpoint path {raw!r} names the filesystem root: give a directory name")
+    return Paths(target, parent, name)
+
+
+def read_json(file: str) -> Any:
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_marker(directory: str) -> dict | None:
+    marker = read_json(os.path.join(directory, MARKER))
+    return marker if isinstance(marker, dict) and marker.get("kind") == KIND else None
+
+
+def foreign(path: str) -> str | None:
+    """Why `path` must not be touched (None: absent, or a zerocomm checkpoint)."""
+    if os.path.islink(path):
+        return f"{path} is a symbolic link, not a zerocomm checkpoint directory"
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path):
+        return f"{path} exists and is not a directory (a zerocomm checkpoint is a directory)"
+    if read_marker(path) is None:
+        hint = (" (it holds a .metadata: a checkpoint of torch.distributed.checkpoint or of zerocomm before "
+                f"checkpoint format {FORMAT})") if os.path.exists(os.path.join(path, METADATA)) else ""
+        return (f"{path} exists and is not a zerocomm checkpoint (no {MARKER}){hint}; zerocomm never "
+                "overwrites or removes what it did not write: choose another path or move it yourself")
+    return None
+
+
+def resolve(paths: Paths) -> str:
+    """The complete checkpoint at `paths`: a crash between the two renames of
+    a save leaves it only under `<path>.old`."""
+    if read_marker(paths.target) is not None:
+        return paths.target
+    if not os.path.lexists(paths.target) and read_marker(paths.old) is not None:
+        return paths.old
+    why = foreign(paths.target) if os.path.lexists(paths.target) else f"{paths.target} does not exist"
+    raise FileNotFoundError(f"no complete zerocomm checkpoint at {paths.target}: {why}")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(file: str) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ------------------------------------------------------------------- lock
+
+
+@dataclass
+class Lock:
+    """An O_CREAT|O_EXCL lock file beside the target, held by rank 0 for the
+    whole save (works on NFS, unlike flock). It names its holder, so a lock
+    left by a dead process on this host is recognised and broken."""
+
+    path: str
+    token: str
+
+    def owned(self) -> bool:
+        holder = read_json(self.path)
+        return isinstance(holder, dict) and holder.get("token") == self.token
+
+    def release(self) -> None:
+        if self.owned():  # never remove another save's lock
+            os.unlink(self.path)
+
+
+def _stale(lock_path: str, holder: Any) -> bool:
+    if not isinstance(holder, dict):  # unreadable: maybe being written right now
+        try:
+            return time.time() - os.stat(lock_path).st_mtime > 60
+        except OSError:
+            return False
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False  # another host's process: cannot tell whether it is alive
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _break(lock_path: str, holder: Any, token: str) -> None:
+    """Remove a stale lock, unless it changed hands since it was judged stale."""
+    aside = f"{lock_path}.stale-{token}"
+    try:
+        os.rename(lock_path, aside)
+    except FileNotFoundError:
+        return
+    if read_json(aside) != holder:  # took a fresh lock by mistake: put it back
+        try:
+            os.link(aside, lock_path)
+        except FileExistsError:
+            pass
+    os.unlink(aside)
+
+
+def acquire(paths: Paths, token: str) -> Lock:
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}
+    for attempt in range(3):
+        try:
+            fd = os.open(paths.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_json(paths.lock)
+            if attempt < 2 and _stale(paths.lock, holder):
+                _break(paths.lock, holder, token)
+                continue
+            who = (f"host {holder.get('host')}, pid {holder.get('pid')}" if isinstance(holder, dict)
+                   else "unknown holder")
+            raise CheckpointError(
+                f"another save to {paths.target} is in progress (lock file {paths.lock}, {who}); "
+                "wait for it to finish, or delete the lock file if no save is running") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return Lock(paths.lock, token)
+    raise CheckpointError(f"could not take the lock {paths.lock} for {paths.target}")
+
+
+# ------------------------------------------------------------------- save
+
+
+def begin_save(paths: Paths, token: str) -> tuple[Lock, str]:
+    """Rank 0, before anyone writes: refuse foreign files, take the lock,
+    tidy up after crashed saves (only what zerocomm wrote), make the temp."""
+    for p in (paths.target, paths.old):
+        why = foreign(p)
+        if why is not None:
+            raise FileExistsError(why)
+    os.makedirs(paths.parent, exist_ok=True)
+    lock = acquire(paths, token)
+    try:
+        if not os.path.lexists(paths.target) and read_marker(paths.old) is not None:
+            os.rename(paths.old, paths.target)  # finish what a crash between the renames left
+        elif os.path.lexists(paths.old):
+            shutil.rmtree(paths.old)  # ours (checked above), a crash after both renames left it
+        for entry in os.listdir(paths.parent):
+            d = os.path.join(paths.parent, entry)
+            if paths.is_temp(entry) and (os.path.exists(os.path.join(d, SAVING_MARK))
+                                         or read_marker(d) is not None):
+                shutil.rmtree(d, ignore_errors=True)  # a crashed save's leftovers (we hold the lock)
+        tmp = paths.temp(token)
+        os.mkdir(tmp)
+        with open(os.path.join(tmp, SAVING_MARK), "w", encoding="utf-8") as f:
+            json.dump({"target": paths.target, "token": token}, f)
+        return lock, tmp
+    except BaseException:
+        lock.release()
+        raise
+
+
+def entries_bytes(entries: dict[str, Any]) -> bytes:
+    """zerocomm's own entries as a torch.save blob that weights_only=True can
+    read; refuse (at save, not at load) what it could not."""
+    buf = io.BytesIO()
+    torch.save(entries, buf)
+    try:
+        torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    except Exception as e:
+        raise TypeError(
+            "step and extra must be plain data (dicts, lists, tuples, tensors, numbers, strings, "
+            f"None), so that load() can read them without running code from the file: {e}") from None
+    return buf.getvalue()
+
+
+def replace_dir(tmp: str, target: str, old: str) -> None:
+    """Put the finished `tmp` at `target`; until the second rename the
+    previous checkpoint stays complete under `old` (found by `resolve`)."""
+    if os.path.lexists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
+    fsync_dir(os.path.dirname(target))
+    if os.path.lexists(old):
+        shutil.rmtree(old)
+
+
+def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], token: str) -> None:
+    """Rank 0, after every rank wrote and hashed its files: check that `tmp`
+    holds this save's complete output, seal it with the marker, move it in."""
+    metadata = SafeReader(tmp, trusted=False).read_metadata()
+    needed = {info.relative_path for info in metadata.storage_data.values()}
+    missing = sorted(f for f in needed | {METADATA, ENTRIES} if not os.path.isfile(os.path.join(tmp, f)))
+    unhashed = sorted(needed - digests.keys())
+    if missing or unhashed:
+        raise CheckpointError(f"the save in {tmp} is incomplete: missing {missing}, "
+                              f"not written by any rank of this save {unhashed}")
+    files = {**digests, METADATA: sha256(os.path.join(tmp, METADATA)),
+             ENTRIES: sha256(os.path.join(tmp, ENTRIES))}
+    marker = {"kind": KIND, "format": FORMAT, "token": token, "files": files}
+    with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(os.path.join(tmp, SAVING_MARK))
+    fsync_dir(tmp)
+    if not lock.owned():
+        raise CheckpointError(f"lost the lock {paths.lock} during the save (deleted by hand?): "
+                              f"{paths.target} left unchanged")
+    why = foreign(paths.target)
+    if why is not None:
+        raise FileExistsError(why)
+    replace_dir(tmp, paths.target, paths.old)
+
+
+# ------------------------------------------------------------------- load
+
+
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: admit only the classes DCP writes into
+    it, so a crafted file cannot call anything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not one of the classes torch.distributed.checkpoint writes "
+            "into .metadata; refusing to call it (pass trusted=True only for a file you trust)")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose `read_metadata` uses the restricted unpickler
+    unless the user vouches for the file (`trusted=True`)."""
+
+    def __init__(self, path: str, *, trusted: bool) -> None:
+        super().__init__(path)
+        self.trusted = trusted
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.trusted:
+            return super().read_metadata(*args, **kwargs)
+        file = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(file, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except Exception as e:
+                raise CheckpointError(f"refusing {file}: {e}") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{file} does not hold torch.distributed.checkpoint Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _safe_load_bytes(planner: DefaultLoadPlanner, read_item: Any, value: io.BytesIO) -> None:
+    # DCP's own load_bytes uses torch.load(weights_only=False): code could run
+    obj = torch.load(value, weights_only=True)
+    if planner.flatten_state_dict:
+        from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
+    else:
+        planner.state_dict[read_item.dest_index.fqn] = obj
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    load_bytes = _safe_load_bytes
+
+
+class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
+    load_bytes = _safe_load_bytes
+
+
+@dataclass
+class Opened:
+    """A checkpoint's plain-data parts, read without running code from it."""
+
+    path: str
+    marker: dict
+    entries: dict
+    metadata: Metadata
+
+
+def open_checkpoint(path: str, trusted: bool) -> Opened:
+    marker = read_marker(path)
+    if marker is None:
+        raise FileNotFoundError(f"{path} is not a zerocomm checkpoint (no valid {MARKER})")
+    if marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
+        raise ValueError(f"{path} has checkpoint format {marker.get('format')!r}; this zerocomm "
+                         f"reads format {FORMAT}")
+    entries_file = os.path.join(path, ENTRIES)
+    verify(path, marker, [ENTRIES, METADATA])
+    try:
+        entries = torch.load(entries_file, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CheckpointError(f"refusing {entries_file}: not plain data ({e})") from None
+    metadata = SafeReader(path, trusted=trusted).read_metadata()
+    # every file DCP will open must be one the marker lists (and checksums)
+    stray = sorted({i.relative_path for i in metadata.storage_data.values()} - marker["files"].keys())
+    if stray:
+        raise CheckpointError(f"{path}/.metadata refers to files the checkpoint does not list: {stray}")
+    return Opened(path, marker, entries, metadata)
+
+
+def verify(path: str, marker: dict, files: list[str]) -> None:
+    for name in files:
+        want = marker["files"].get(name)
+        file = os.path.join(path, name)
+        if want is None or os.path.basename(name) != name:
+            raise CheckpointError(f"{file} is not listed in {MARKER}")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing")
+        if sha256(file) != want:
+            raise CheckpointError(f"{file} is corrupt: its sha256 differs from the one recorded at save")
+
+
+def check_unchanged(opened: Opened) -> None:
+    """After reading: a save that replaced the directory meanwhile would have
+    mixed two checkpoints into what was read."""
+    now = read_marker(opened.path)
+    if now is None or now.get("token") != opened.marker.get("token"):
+        raise CheckpointError(f"{opened.path} was replaced by another save while it was being read: load again")
+
+
+# ----------------------------------------------------------- coordination
+
+
+@dataclass
+class Coordinator:
+    """A gloo group of this call's own, created with `timeout`, over which
+    every rank shares its verdict after each step, so all ranks raise the
+    same error or all succeed (and a stalled peer costs `timeout`, not the
+    training group's 30 minutes)."""
+
+    group: dist.ProcessGroup | None  # None: a single rank, nothing to coordinate
+    rank: int
+    world: int
+    timeout: float
+    what: str
+
+    def _collective_failed(self, step: str, e: BaseException) -> CheckpointError:
+        return CheckpointError(f"{self.what}: {step}: not every rank answered within {self.timeout:g} s "
+                               f"(a peer stalled, crashed or did not call it): {describe(e)}")
+
+    def agree(self, error: BaseException | None, step: str) -> None:
+        mine = None if error is None else describe(error)
+        if self.world == 1:
+            verdicts = [mine]
+        else:
+            verdicts = [None] * self.world
+            try:
+                dist.all_gather_object(verdicts, mine, group=self.group)
+            except Exception as e:
+                raise self._collective_failed(step, e) from (error or e)
+        failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+        if failed:
+            msg = "; ".join(f"rank {r}: {v}" for r, v in failed)
+            raise CheckpointError(f"{self.what} failed while {step} ({msg})") from error
+
+    def all_gather(self, value: Any, step: str) -> list[Any]:
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(out, value, group=self.group)
+        except Exception as e:
+            raise self._collective_failed(step, e) from e
+        return out
+
+    def from_rank0(self, value: Any, step: str) -> Any:
+        return self.all_gather(value, step)[0]
+
+
+def _check_timeout(timeout: float | None) -> float:
+    if timeout is None:
+        return DEFAULT_TIMEOUT_S
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
+    return float(timeout)
+
+
+@contextmanager
+def coordination(group: dist.ProcessGroup | None, timeout: float | None, what: str) -> Iterator[Coordinator]:
+    seconds = _check_timeout(timeout)  # same argument on every rank: raises on all or none
+    if group is None or dist.get_world_size(group) == 1:
+        yield Coordinator(None, 0, 1, seconds, what)
+        return
+    # Created by every member, first thing in the call, so the groups'
+    # names (a per-process counter) stay in step across ranks.
+    try:
+        own = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo",
+                             timeout=timedelta(seconds=seconds), use_local_synchronization=True)
+    except Exception as e:
+        raise CheckpointError(f"{what}: could not set up its process group within {seconds:g} s: "
+                              f"{describe(e)}") from e
+    try:
+        yield Coordinator(own, dist.get_rank(own), dist.get_world_size(own), seconds, what)
+    finally:
+        try:
+            dist.destroy_process_group(own)
+        except Exception:
+            pass  # already broken by a failed peer; nothing left to release
