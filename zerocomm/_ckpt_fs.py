@@ -1,4 +1,4 @@
-"""Files, locks and rank coordination behind `zerocomm.checkpoint`.
+"""Files and locks behind `zerocomm.checkpoint`.
 
 Layout of a checkpoint directory written by zerocomm:
 
@@ -17,58 +17,32 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 FORMAT = 2
 KIND = "zerocomm-checkpoint"
 MARKER, ENTRIES, METADATA = "zerocomm.json", "zerocomm.pt", ".metadata"
 SAVING_MARK = "zerocomm-saving.json"  # in a save's temp directory from its creation on
 OLD_SUFFIX = ".old"
-DEFAULT_TIMEOUT_S = 600.0
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint operation failed; raised on every rank with the same message."""
 
 
-def describe(e: BaseException) -> str:
-    """One line for an error, DCP's CheckpointException reduced to its first
-    underlying error (its own text is only 'CheckpointException ranks:...')."""
-    if isinstance(e, CheckpointException):
-        for rank, failure in sorted(e.failures.items()):
-            inner = failure[0] if isinstance(failure, tuple) else failure
-            return f"rank {rank}: {type(inner).__name__}: {inner}"
-    if isinstance(e, CheckpointError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
-
-
-def as_exception(e: BaseException) -> Exception:
-    """DCP's CheckpointException is a BaseException that `except Exception`
-    misses: turn it into a RuntimeError carrying the first underlying error."""
-    if isinstance(e, CheckpointException):
-        err = CheckpointError(f"torch.distributed.checkpoint failed on {describe(e)}")
-        err.__cause__ = e
-        return err
-    if isinstance(e, Exception):
-        return e
-    raise e  # KeyboardInterrupt, SystemExit: not ours to convert
+def short_weights_only_error(e: Exception) -> str:
+    """torch.load(weights_only=True)'s refusal is a page of advice; the line
+    naming the refused global is what matters here."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    return next((ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln),
+                lines[0] if lines else type(e).__name__)
 
 
 # ------------------------------------------------------------------ paths
@@ -217,6 +191,9 @@ def acquire(paths: Paths, token: str) -> Lock:
     for attempt in range(3):
         try:
             fd = os.open(paths.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except PermissionError as e:
+            raise PermissionError(f"cannot write in {paths.parent} (for the lock file of {paths.target}): "
+                                  f"{e.strerror}") from None
         except FileExistsError:
             holder = read_json(paths.lock)
             if attempt < 2 and _stale(paths.lock, holder):
@@ -245,7 +222,12 @@ def begin_save(paths: Paths, token: str) -> tuple[Lock, str]:
         why = foreign(p)
         if why is not None:
             raise FileExistsError(why)
-    os.makedirs(paths.parent, exist_ok=True)
+    try:
+        os.makedirs(paths.parent, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the directory {paths.parent} for the checkpoint: {e}") from None
+    if not os.path.isdir(paths.parent):
+        raise NotADirectoryError(f"the parent of the checkpoint path, {paths.parent}, is not a directory")
     lock = acquire(paths, token)
     try:
         if not os.path.lexists(paths.target) and read_marker(paths.old) is not None:
@@ -277,7 +259,8 @@ def entries_bytes(entries: dict[str, Any]) -> bytes:
     except Exception as e:
         raise TypeError(
             "step and extra must be plain data (dicts, lists, tuples, tensors, numbers, strings, "
-            f"None), so that load() can read them without running code from the file: {e}") from None
+            f"None), so that load() can read them without running code from the file: "
+            f"{short_weights_only_error(e)}") from None
     return buf.getvalue()
 
 
@@ -292,11 +275,11 @@ def replace_dir(tmp: str, target: str, old: str) -> None:
         shutil.rmtree(old)
 
 
-def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], token: str) -> None:
+def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], token: str,
+                needed: set[str]) -> None:
     """Rank 0, after every rank wrote and hashed its files: check that `tmp`
-    holds this save's complete output, seal it with the marker, move it in."""
-    metadata = SafeReader(tmp, trusted=False).read_metadata()
-    needed = {info.relative_path for info in metadata.storage_data.values()}
+    holds this save's complete output (`needed`: the data files its
+    .metadata refers to), seal it with the marker, move it into place."""
     missing = sorted(f for f in needed | {METADATA, ENTRIES} if not os.path.isfile(os.path.join(tmp, f)))
     unhashed = sorted(needed - digests.keys())
     if missing or unhashed:
@@ -323,106 +306,6 @@ def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], tok
 # ------------------------------------------------------------------- load
 
 
-_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a pickle: admit only the classes DCP writes into
-    it, so a crafted file cannot call anything else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"{module}.{name} is not one of the classes torch.distributed.checkpoint writes "
-            "into .metadata; refusing to call it (pass trusted=True only for a file you trust)")
-
-
-class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose `read_metadata` uses the restricted unpickler
-    unless the user vouches for the file (`trusted=True`)."""
-
-    def __init__(self, path: str, *, trusted: bool) -> None:
-        super().__init__(path)
-        self.trusted = trusted
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self.trusted:
-            return super().read_metadata(*args, **kwargs)
-        file = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(file, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-            except Exception as e:
-                raise CheckpointError(f"refusing {file}: {e}") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{file} does not hold torch.distributed.checkpoint Metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-def _safe_load_bytes(planner: DefaultLoadPlanner, read_item: Any, value: io.BytesIO) -> None:
-    # DCP's own load_bytes uses torch.load(weights_only=False): code could run
-    obj = torch.load(value, weights_only=True)
-    if planner.flatten_state_dict:
-        from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
-
-        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
-    else:
-        planner.state_dict[read_item.dest_index.fqn] = obj
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    load_bytes = _safe_load_bytes
-
-
-class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
-    load_bytes = _safe_load_bytes
-
-
-@dataclass
-class Opened:
-    """A checkpoint's plain-data parts, read without running code from it."""
-
-    path: str
-    marker: dict
-    entries: dict
-    metadata: Metadata
-
-
-def open_checkpoint(path: str, trusted: bool) -> Opened:
-    marker = read_marker(path)
-    if marker is None:
-        raise FileNotFoundError(f"{path} is not a zerocomm checkpoint (no valid {MARKER})")
-    if marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
-        raise ValueError(f"{path} has checkpoint format {marker.get('format')!r}; this zerocomm "
-                         f"reads format {FORMAT}")
-    entries_file = os.path.join(path, ENTRIES)
-    verify(path, marker, [ENTRIES, METADATA])
-    try:
-        entries = torch.load(entries_file, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise CheckpointError(f"refusing {entries_file}: not plain data ({e})") from None
-    metadata = SafeReader(path, trusted=trusted).read_metadata()
-    # every file DCP will open must be one the marker lists (and checksums)
-    stray = sorted({i.relative_path for i in metadata.storage_data.values()} - marker["files"].keys())
-    if stray:
-        raise CheckpointError(f"{path}/.metadata refers to files the checkpoint does not list: {stray}")
-    return Opened(path, marker, entries, metadata)
-
-
 def verify(path: str, marker: dict, files: list[str]) -> None:
     for name in files:
         want = marker["files"].get(name)
@@ -433,91 +316,3 @@ def verify(path: str, marker: dict, files: list[str]) -> None:
             raise CheckpointError(f"{file} is missing")
         if sha256(file) != want:
             raise CheckpointError(f"{file} is corrupt: its sha256 differs from the one recorded at save")
-
-
-def check_unchanged(opened: Opened) -> None:
-    """After reading: a save that replaced the directory meanwhile would have
-    mixed two checkpoints into what was read."""
-    now = read_marker(opened.path)
-    if now is None or now.get("token") != opened.marker.get("token"):
-        raise CheckpointError(f"{opened.path} was replaced by another save while it was being read: load again")
-
-
-# ----------------------------------------------------------- coordination
-
-
-@dataclass
-class Coordinator:
-    """A gloo group of this call's own, created with `timeout`, over which
-    every rank shares its verdict after each step, so all ranks raise the
-    same error or all succeed (and a stalled peer costs `timeout`, not the
-    training group's 30 minutes)."""
-
-    group: dist.ProcessGroup | None  # None: a single rank, nothing to coordinate
-    rank: int
-    world: int
-    timeout: float
-    what: str
-
-    def _collective_failed(self, step: str, e: BaseException) -> CheckpointError:
-        return CheckpointError(f"{self.what}: {step}: not every rank answered within {self.timeout:g} s "
-                               f"(a peer stalled, crashed or did not call it): {describe(e)}")
-
-    def agree(self, error: BaseException | None, step: str) -> None:
-        mine = None if error is None else describe(error)
-        if self.world == 1:
-            verdicts = [mine]
-        else:
-            verdicts = [None] * self.world
-            try:
-                dist.all_gather_object(verdicts, mine, group=self.group)
-            except Exception as e:
-                raise self._collective_failed(step, e) from (error or e)
-        failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
-        if failed:
-            msg = "; ".join(f"rank {r}: {v}" for r, v in failed)
-            raise CheckpointError(f"{self.what} failed while {step} ({msg})") from error
-
-    def all_gather(self, value: Any, step: str) -> list[Any]:
-        if self.world == 1:
-            return [value]
-        out: list[Any] = [None] * self.world
-        try:
-            dist.all_gather_object(out, value, group=self.group)
-        except Exception as e:
-            raise self._collective_failed(step, e) from e
-        return out
-
-    def from_rank0(self, value: Any, step: str) -> Any:
-        return self.all_gather(value, step)[0]
-
-
-def _check_timeout(timeout: float | None) -> float:
-    if timeout is None:
-        return DEFAULT_TIMEOUT_S
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
-    return float(timeout)
-
-
-@contextmanager
-def coordination(group: dist.ProcessGroup | None, timeout: float | None, what: str) -> Iterator[Coordinator]:
-    seconds = _check_timeout(timeout)  # same argument on every rank: raises on all or none
-    if group is None or dist.get_world_size(group) == 1:
-        yield Coordinator(None, 0, 1, seconds, what)
-        return
-    # Created by every member, first thing in the call, so the groups'
-    # names (a per-process counter) stay in step across ranks.
-    try:
-        own = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo",
-                             timeout=timedelta(seconds=seconds), use_local_synchronization=True)
-    except Exception as e:
-        raise CheckpointError(f"{what}: could not set up its process group within {seconds:g} s: "
-                              f"{describe(e)}") from e
-    try:
-        yield Coordinator(own, dist.get_rank(own), dist.get_world_size(own), seconds, what)
-    finally:
-        try:
-            dist.destroy_process_group(own)
-        except Exception:
-            pass  # already broken by a failed peer; nothing left to release

@@ -195,10 +195,10 @@ def _names_diff(got: list[str], want: list[str]) -> str | None:
         return None
     parts = []
     if surplus:
-        parts.append(f"the checkpoint has {len(surplus)} the model lacks: {surplus[:5]}"
+        parts.append(f"the checkpoint has {len(surplus)} entries the model lacks: {surplus[:5]}"
                      + (" ..." if len(surplus) > 5 else ""))
     if lacking:
-        parts.append(f"the model has {len(lacking)} the checkpoint lacks: {lacking[:5]}"
+        parts.append(f"the model has {len(lacking)} entries the checkpoint lacks: {lacking[:5]}"
                      + (" ..." if len(lacking) > 5 else ""))
     return "; ".join(parts) + " (a different model architecture or number of layers?)"
 
@@ -217,7 +217,8 @@ def _check_compatible(zopt: "ZeroOptimizer", meta: Any, groups: Any,
     saved, mine = meta.get("optimizer"), type(zopt.optim).__name__
     if saved != mine:
         raise ValueError(f"the checkpoint holds {saved} optimizer state but this optimizer is {mine}: "
-                         f"build a {saved} to load it (consolidate() gives the model weights alone)")
+                         f"load it into the same optimizer class ({saved}); consolidate() gives the "
+                         "model weights alone")
     live = _live_model(zopt)
     if metadata is not None:  # names, shapes and dtypes of the model's tensors
         md = {k[len(MODEL):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL)}

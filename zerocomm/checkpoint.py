@@ -30,14 +30,16 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from . import _ckpt_fs as fs
-from ._ckpt_fs import DEFAULT_TIMEOUT_S, OLD_SUFFIX, CheckpointError
+from ._ckpt_coord import DEFAULT_TIMEOUT_S, Coordinator, as_exception, coordination
+from ._ckpt_fs import OLD_SUFFIX, CheckpointError
+from ._ckpt_read import Opened, SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader, check_unchanged, open_checkpoint
 from ._ckpt_state import (
     EXTRA, FORMAT, GROUPS, MASTER, META, MODEL, STEP, _by_param, _check_compatible, _group,
     load_sharded_state_dict, sharded_state_dict,
 )
 
 if TYPE_CHECKING:
-    from ._ckpt_fs import Coordinator, Paths
+    from ._ckpt_fs import Paths
     from .optimizer import ZeroOptimizer
 
 __all__ = ["save", "load", "consolidate", "Loaded", "CheckpointError", "DEFAULT_TIMEOUT_S", "OLD_SUFFIX",
@@ -65,11 +67,11 @@ def save(path: str | os.PathLike, zopt: "ZeroOptimizer", *, step: Any = None, ex
     Raises `CheckpointError` on every rank if any rank failed."""
     paths = fs.normalise(path)
     group = _group(zopt)
-    with fs.coordination(group, timeout, f"zerocomm.checkpoint.save({paths.target!r})") as co:
+    with coordination(group, timeout, f"zerocomm.checkpoint.save({paths.target!r})") as co:
         _save(paths, zopt, co, step, extra)
 
 
-def _save(paths: "Paths", zopt: "ZeroOptimizer", co: "Coordinator", step: Any, extra: Any) -> None:
+def _save(paths: "Paths", zopt: "ZeroOptimizer", co: Coordinator, step: Any, extra: Any) -> None:
     err: BaseException | None = None
     sd: dict[str, Any] = {}
     blob = b""
@@ -107,14 +109,16 @@ def _save(paths: "Paths", zopt: "ZeroOptimizer", co: "Coordinator", step: Any, e
             for file in glob.glob(os.path.join(glob.escape(tmp), f"__{co.rank}_*.distcp")):
                 mine[os.path.basename(file)] = fs.sha256(file)
         except BaseException as e:
-            err = fs.as_exception(e)
+            err = as_exception(e)
         co.agree(err, "writing")
         digests = {name: h for ranks_files in co.all_gather(mine, "collecting checksums")
                    for name, h in ranks_files.items()}
         try:
             if co.rank == 0:
                 assert lock is not None
-                fs.finish_save(paths, tmp, lock, digests, token)
+                metadata = SafeReader(tmp, trusted=False).read_metadata()
+                needed = {info.relative_path for info in metadata.storage_data.values()}
+                fs.finish_save(paths, tmp, lock, digests, token, needed)
         except Exception as e:
             err = e
         co.agree(err, "moving the checkpoint into place")
@@ -138,12 +142,12 @@ def load(path: str | os.PathLike, zopt: "ZeroOptimizer", *, timeout: float | Non
     optimizer state as they were. Raises `CheckpointError` on every rank."""
     paths = fs.normalise(path)
     group = _group(zopt)
-    with fs.coordination(group, timeout, f"zerocomm.checkpoint.load({paths.target!r})") as co:
+    with coordination(group, timeout, f"zerocomm.checkpoint.load({paths.target!r})") as co:
         err: BaseException | None = None
-        opened: fs.Opened | None = None
+        opened: Opened | None = None
         sd: dict[str, Any] = {}
         try:
-            opened = fs.open_checkpoint(fs.resolve(paths), trusted)
+            opened = open_checkpoint(fs.resolve(paths), trusted)
             data = sorted(f for f in opened.marker["files"] if f not in (fs.ENTRIES, fs.METADATA))
             fs.verify(opened.path, opened.marker, data[co.rank::co.world])  # each rank a share
             _check_compatible(zopt, opened.entries.get("meta"), opened.entries.get("param_groups"),
@@ -154,12 +158,12 @@ def load(path: str | os.PathLike, zopt: "ZeroOptimizer", *, timeout: float | Non
         co.agree(err, "checking the checkpoint")
         assert opened is not None
         try:
-            dcp.load(sd, storage_reader=fs.SafeReader(opened.path, trusted=trusted), process_group=co.group,
-                     planner=fs.SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+            dcp.load(sd, storage_reader=SafeReader(opened.path, trusted=trusted), process_group=co.group,
+                     planner=SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                      no_dist=co.world == 1)
-            fs.check_unchanged(opened)
+            check_unchanged(opened)
         except BaseException as e:
-            err = fs.as_exception(e)
+            err = as_exception(e)
         co.agree(err, "reading the checkpoint")
         try:
             sd[META], sd[GROUPS] = opened.entries["meta"], opened.entries["param_groups"]
@@ -181,19 +185,19 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
     Returns the same dict. Checks every file's checksum and runs no code from
     the files unless `trusted=True` (see `load`)."""
     paths = fs.normalise(path)
-    opened = fs.open_checkpoint(fs.resolve(paths), trusted)
+    opened = open_checkpoint(fs.resolve(paths), trusted)
     fs.verify(opened.path, opened.marker, sorted(opened.marker["files"]))
     sd: dict[str, Any] = {}
     # What dcp_to_torch_save does: the planner builds every key from the
     # metadata, assembling each tensor from all saved chunks (dcp.load would
     # only fill the keys `sd` already has).
     try:
-        _load_state_dict(sd, storage_reader=fs.SafeReader(opened.path, trusted=trusted),
-                         planner=fs.SafeEmptyLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+        _load_state_dict(sd, storage_reader=SafeReader(opened.path, trusted=trusted),
+                         planner=SafeEmptyLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                          no_dist=True)
     except CheckpointException as e:
-        raise fs.as_exception(e) from e
-    fs.check_unchanged(opened)
+        raise as_exception(e) from e
+    check_unchanged(opened)
     meta = opened.entries.get("meta")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a zerocomm checkpoint (meta format {FORMAT})")
