@@ -151,7 +151,10 @@ class Lock:
 
     def release(self) -> None:
         if self.owned():  # never remove another save's lock
-            os.unlink(self.path)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 def _stale(lock_path: str, holder: Any) -> bool:
@@ -233,7 +236,7 @@ def begin_save(paths: Paths, token: str) -> tuple[Lock, str]:
         if not os.path.lexists(paths.target) and read_marker(paths.old) is not None:
             os.rename(paths.old, paths.target)  # finish what a crash between the renames left
         elif os.path.lexists(paths.old):
-            shutil.rmtree(paths.old)  # ours (checked above), a crash after both renames left it
+            remove_checkpoint(paths.old)  # ours (checked above), a crash after both renames left it
         for entry in os.listdir(paths.parent):
             d = os.path.join(paths.parent, entry)
             if paths.is_temp(entry) and (os.path.exists(os.path.join(d, SAVING_MARK))
@@ -264,6 +267,21 @@ def entries_bytes(entries: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def remove_checkpoint(path: str) -> None:
+    """Remove a checkpoint directory zerocomm wrote, its marker last: if this
+    stops half-way, what is left is still recognised as zerocomm's."""
+    for entry in os.listdir(path):
+        if entry != MARKER:
+            file = os.path.join(path, entry)
+            if os.path.isdir(file) and not os.path.islink(file):
+                shutil.rmtree(file)
+            else:
+                os.unlink(file)
+    if os.path.lexists(os.path.join(path, MARKER)):
+        os.unlink(os.path.join(path, MARKER))
+    os.rmdir(path)
+
+
 def replace_dir(tmp: str, target: str, old: str) -> None:
     """Put the finished `tmp` at `target`; until the second rename the
     previous checkpoint stays complete under `old` (found by `resolve`)."""
@@ -272,7 +290,7 @@ def replace_dir(tmp: str, target: str, old: str) -> None:
     os.rename(tmp, target)
     fsync_dir(os.path.dirname(target))
     if os.path.lexists(old):
-        shutil.rmtree(old)
+        remove_checkpoint(old)
 
 
 def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], token: str,
