@@ -25,7 +25,7 @@ def describe(e: BaseException) -> str:
     if isinstance(e, CheckpointException):
         for rank, failure in sorted(e.failures.items()):
             inner = failure[0] if isinstance(failure, tuple) else failure
-            return f"rank {rank}: {type(inner).__name__}: {inner or '(no message; a damaged file?)'}"
+            return f"rank {rank}: {type(inner).__name__}: {str(inner) or '(no message; a damaged file?)'}"
     if isinstance(e, CheckpointError):
         return str(e)
     return f"{type(e).__name__}: {e}"

@@ -31,15 +31,16 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from . import _ckpt_fs as fs
 from ._ckpt_coord import DEFAULT_TIMEOUT_S, Coordinator, as_exception, coordination
-from ._ckpt_fs import OLD_SUFFIX, CheckpointError
-from ._ckpt_read import Opened, SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader, check_unchanged, open_checkpoint
+from ._ckpt_fs import OLD_SUFFIX, CheckpointError, Paths
+from ._ckpt_read import (
+    Opened, SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader, check_unchanged, open_checkpoint,
+)
 from ._ckpt_state import (
     EXTRA, FORMAT, GROUPS, MASTER, META, MODEL, STEP, _by_param, _check_compatible, _group,
     load_sharded_state_dict, sharded_state_dict,
 )
 
 if TYPE_CHECKING:
-    from ._ckpt_fs import Paths
     from .optimizer import ZeroOptimizer
 
 __all__ = ["save", "load", "consolidate", "Loaded", "CheckpointError", "DEFAULT_TIMEOUT_S", "OLD_SUFFIX",
@@ -65,23 +66,25 @@ def save(path: str | os.PathLike, zopt: "ZeroOptimizer", *, step: Any = None, ex
     `timeout`: seconds any rank waits for the others at any step (default
     `DEFAULT_TIMEOUT_S`; raise it for very large checkpoints on slow storage).
     Raises `CheckpointError` on every rank if any rank failed."""
-    paths = fs.normalise(path)
     group = _group(zopt)
-    with coordination(group, timeout, f"zerocomm.checkpoint.save({paths.target!r})") as co:
-        _save(paths, zopt, co, step, extra)
+    with coordination(group, timeout, f"zerocomm.checkpoint.save({os.fspath(path)!r})") as co:
+        _save(path, zopt, co, step, extra)
 
 
-def _save(paths: "Paths", zopt: "ZeroOptimizer", co: Coordinator, step: Any, extra: Any) -> None:
+def _save(path: str | os.PathLike, zopt: "ZeroOptimizer", co: Coordinator, step: Any, extra: Any) -> None:
     err: BaseException | None = None
     sd: dict[str, Any] = {}
     blob = b""
+    paths: Paths | None = None
     try:
+        paths = fs.normalise(path)
         sd = sharded_state_dict(zopt)
         entries = {"meta": sd.pop(META), "param_groups": sd.pop(GROUPS), "step": step, "extra": extra}
         blob = fs.entries_bytes(entries)
     except Exception as e:
         err = e
     co.agree(err, "collecting the state to save")
+    assert paths is not None
     token: str | None = uuid.uuid4().hex if co.rank == 0 else None
     lock: fs.Lock | None = None
     tmp: str | None = None
@@ -140,14 +143,13 @@ def load(path: str | os.PathLike, zopt: "ZeroOptimizer", *, timeout: float | Non
     class and the model's names, shapes and dtypes are checked before
     anything is written: a load that raises leaves model, masters and
     optimizer state as they were. Raises `CheckpointError` on every rank."""
-    paths = fs.normalise(path)
     group = _group(zopt)
-    with coordination(group, timeout, f"zerocomm.checkpoint.load({paths.target!r})") as co:
+    with coordination(group, timeout, f"zerocomm.checkpoint.load({os.fspath(path)!r})") as co:
         err: BaseException | None = None
         opened: Opened | None = None
         sd: dict[str, Any] = {}
         try:
-            opened = open_checkpoint(fs.resolve(paths), trusted)
+            opened = open_checkpoint(fs.resolve(fs.normalise(path)), trusted)
             data = sorted(f for f in opened.marker["files"] if f not in (fs.ENTRIES, fs.METADATA))
             fs.verify(opened.path, opened.marker, data[co.rank::co.world])  # each rank a share
             _check_compatible(zopt, opened.entries.get("meta"), opened.entries.get("param_groups"),
