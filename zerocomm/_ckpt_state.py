@@ -189,8 +189,9 @@ def sharded_state_dict(zopt: "ZeroOptimizer", *, metadata: Metadata | None = Non
 
 def _names_diff(got: list[str], want: list[str]) -> str | None:
     """What differs between the checkpoint's names (`got`) and the model's."""
-    lacking = [n for n in want if n not in set(got)]
-    surplus = [n for n in got if n not in set(want)]
+    have, need = set(got), set(want)
+    lacking = [n for n in want if n not in have]
+    surplus = [n for n in got if n not in need]
     if not lacking and not surplus:
         return None
     parts = []
