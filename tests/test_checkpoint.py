@@ -245,7 +245,7 @@ def _job_crash_while_writing(rank: int, world: int, path: str, info: str) -> boo
     dist.barrier()
     _train(model, zopt, sched, range(2, 3), rank, world)
     _crash_in_writer_on_rank(1)
-    checkpoint.save(path, zopt, step=3, timeout=30)  # rank 1 dies inside; rank 0 must not get past it
+    checkpoint.save(path, zopt, step=3, timeout=15)  # rank 1 dies inside; rank 0 must not get past it
     return True
 
 

@@ -54,8 +54,8 @@ class Coordinator:
     what: str
 
     def _collective_failed(self, step: str, e: BaseException) -> CheckpointError:
-        return CheckpointError(f"{self.what}: {step}: not every rank answered within {self.timeout:g} s "
-                               f"(a peer stalled, crashed or did not call it): {describe(e)}")
+        return CheckpointError(f"{self.what}: {step}: lost a peer (it crashed, stalled for more than "
+                               f"timeout={self.timeout:g} s, or did not make this call): {describe(e)}")
 
     def agree(self, error: BaseException | None, step: str) -> None:
         mine = None if error is None else describe(error)
