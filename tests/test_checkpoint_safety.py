@@ -432,3 +432,37 @@ def test_stalled_peer_fails_save_within_timeout(cases):
     # set-up); rank 1, late, finds nobody (gloo may retry its connect a while)
     assert res[0]["stalled_peer"]["seconds"] < 8, res[0]["stalled_peer"]
     assert res[1]["stalled_peer"]["seconds"] < 20, res[1]["stalled_peer"]
+
+
+def test_lock_of_a_dead_process_is_broken_a_live_one_is_not(tmp_path):
+    """The save lock (no ranks needed): a lock left by a dead process on this
+    host is taken over; one held by a live process, or by another host,
+    makes the save fail naming the lock file; release never removes a lock
+    that is not its own."""
+    import socket
+    import subprocess
+    import sys
+
+    from zerocomm import _ckpt_fs as fs
+
+    paths = fs.normalise(tmp_path / "ck")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    for holder, takes_over in ((int(dead.stdout), True), (os.getpid(), False)):
+        with open(paths.lock, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": holder, "token": "x" * 32}, f)
+        if takes_over:
+            lock = fs.acquire(paths, "a" * 32)
+            assert lock.owned()
+            lock.release()
+            assert not os.path.exists(paths.lock)
+        else:
+            with pytest.raises(fs.CheckpointError, match="in progress.*lock file"):
+                fs.acquire(paths, "b" * 32)
+            assert fs.read_json(paths.lock)["token"] == "x" * 32  # untouched
+    with open(paths.lock, "w") as f:
+        json.dump({"host": "elsewhere", "pid": int(dead.stdout), "token": "y" * 32}, f)
+    with pytest.raises(fs.CheckpointError, match="elsewhere"):
+        fs.acquire(paths, "c" * 32)
+    fs.Lock(paths.lock, "c" * 32).release()  # not its lock: stays
+    assert os.path.exists(paths.lock)
