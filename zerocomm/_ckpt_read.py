@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from ._ckpt_fs import (
@@ -77,8 +78,6 @@ def _safe_load_bytes(planner: DefaultLoadPlanner, read_item: Any, value: io.Byte
     # DCP's own load_bytes uses torch.load(weights_only=False): code could run
     obj = torch.load(value, weights_only=True)
     if planner.flatten_state_dict:
-        from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
-
         set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
     else:
         planner.state_dict[read_item.dest_index.fqn] = obj
