@@ -110,6 +110,12 @@ def _assert_same_optimizer_state(a: dict, b: dict, what: str) -> None:
     assert a["param_groups"] == b["param_groups"], what
 
 
+def _leftovers(path: str) -> list[str]:
+    """Temp directories and lock files of saves to `path` (hidden, beside it)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return sorted(e for e in os.listdir(parent) if e.startswith(f".{name}."))
+
+
 def _file_hashes(path: str) -> dict[str, str]:
     out = {}
     for f in sorted(os.listdir(path)):
@@ -139,7 +145,7 @@ def _job_train_and_save(rank: int, world: int, root: str) -> dict:
         checkpoint.save(path, zopt, step=SAVE_AT - 1, extra={"sched": sched.state_dict()})
         _train(model, zopt, sched, range(SAVE_AT - 1, SAVE_AT), rank, world)
         checkpoint.save(path, zopt, step=SAVE_AT, extra={"sched": sched.state_dict()})
-        assert not os.path.exists(path + checkpoint.TMP_SUFFIX)
+        assert _leftovers(path) == []
         assert not os.path.exists(path + checkpoint.OLD_SUFFIX)
         out[mode] = _params(model)
         zopt.close()
@@ -239,7 +245,7 @@ def _job_crash_while_writing(rank: int, world: int, path: str, info: str) -> boo
     dist.barrier()
     _train(model, zopt, sched, range(2, 3), rank, world)
     _crash_in_writer_on_rank(1)
-    checkpoint.save(path, zopt, step=3)  # rank 1 dies inside; rank 0 must not get past it
+    checkpoint.save(path, zopt, step=3, timeout=15)  # rank 1 dies inside; rank 0 must not get past it
     return True
 
 
@@ -261,26 +267,28 @@ def _job_resume_after_crash(rank: int, world: int, path: str, info: str) -> bool
     _assert_same_optimizer_state(zopt.state_dict(), torch.load(info + ".optim.pt"), "after crash")
     sched.load_state_dict(extra["sched"])
     _train(model, zopt, sched, range(2, 3), rank, world)
-    checkpoint.save(path, zopt, step=3)  # cleans up the crashed save's leftovers
-    assert not os.path.exists(path + checkpoint.TMP_SUFFIX)
+    checkpoint.save(path, zopt, step=3)
+    assert _leftovers(path) == []
     zopt.synchronize()
     if rank == 0:
         with open(info, "w") as f:
             json.dump({"digest": _digest(model)}, f)
     _train(model, zopt, sched, range(3, 4), rank, world)
     if rank == 0:
-        real_replace, real_rename = checkpoint._replace, os.rename
+        from zerocomm import _ckpt_fs
+
+        real_replace, real_rename = _ckpt_fs.replace_dir, os.rename
 
         def rename_then_die(src: str, dst: str) -> None:
             real_rename(src, dst)
             os._exit(4)  # the old checkpoint moved aside, the new one not yet in place
 
-        def replace_and_die(tmp: str, dst: str) -> None:
+        def replace_and_die(tmp: str, dst: str, old: str) -> None:
             os.rename = rename_then_die  # only here: DCP renames files of its own
-            real_replace(tmp, dst)
+            real_replace(tmp, dst, old)
 
-        checkpoint._replace = replace_and_die
-    checkpoint.save(path, zopt, step=4)
+        _ckpt_fs.replace_dir = replace_and_die
+    checkpoint.save(path, zopt, step=4, timeout=30)
     return True
 
 
@@ -296,9 +304,10 @@ def _job_recover(rank: int, world: int, path: str, info: str) -> int:
     zopt = zerocomm.attach(model, _optimizer(model), mode="allgather", bucket_mb=BUCKET_MB)
     step, _ = checkpoint.load(path, zopt)
     assert _digest(model) == before["digest"]
-    checkpoint.save(path, zopt, step=step)
+    checkpoint.save(path, zopt, step=step)  # breaks the dead rank 0's lock, tidies up
     assert os.path.exists(os.path.join(path, ".metadata"))
     assert not os.path.exists(path + checkpoint.OLD_SUFFIX)
+    assert _leftovers(path) == []
     zopt.close()
     return step
 
@@ -370,16 +379,16 @@ def test_consolidate_loads_into_plain_torch(saved, tmp_path, mode):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
-    from zerocomm.checkpoint import OLD_SUFFIX, TMP_SUFFIX, consolidate
+    from zerocomm.checkpoint import OLD_SUFFIX, consolidate
 
     path, info = str(tmp_path / "ckpt"), str(tmp_path / "info.json")
     res = run_ranks(_job_crash_while_writing, 2, path, info, timeout=120, expect_errors=True)
     assert all("error" in r for r in res), res  # rank 1 died, rank 0 did not complete the save
+    assert res[0]["type"] == "CheckpointError" and not res[0]["killed"], res[0]
     with open(info) as f:
         before = json.load(f)
     assert _file_hashes(path) == before["files"], "the previous checkpoint was modified"
-    leftovers = os.listdir(path + TMP_SUFFIX)
-    assert any(f.endswith(".distcp") for f in leftovers) and ".metadata" not in leftovers, leftovers
+    assert _leftovers(path) == [], "rank 0 removes its failed save's temp and releases the lock"
 
     # loads on 3 ranks in the other mode; then a crash between the renames
     res = run_ranks(_job_resume_after_crash, 3, path, info, timeout=120, expect_errors=True)

@@ -1,0 +1,308 @@
+"""What a zerocomm checkpoint holds: this rank's state dict for
+`torch.distributed.checkpoint` (DCP), and applying a loaded one (see
+`zerocomm.checkpoint` for save / load / consolidate). Tensors go through
+DCP under global, world-size-independent names, so a checkpoint written by N
+ranks in one mode loads on M ranks in either mode:
+
+    model.<state_dict key>         full tensors (replicated: DCP writes each once)
+    optim.state.<param>.<key>      element-wise state: a 1-D tensor of the param's
+                                   numel, each rank writing only the piece it owns;
+                                   scalars (Adam's `step`) and non-element-wise
+                                   state (broadcast mode) as plain tensors
+    optim.master.<param>           fp32 master pieces (only with master_dtype)
+
+zerocomm's own entries (meta: format, mode, world size, optimizer class,
+param names per group; the param groups' hyper-parameters; `step`; `extra`)
+are plain data in `zerocomm.pt`, read back with `torch.load(weights_only=True)`.
+
+A rank's piece is a plain tensor carrying DCP's `CheckpointableTensor` fields
+(global shape and offset), so DCP itself records the chunks at save and reads,
+at load, exactly the overlap of the saved chunks with the new owner's piece.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+from .optimizer_state import _local_positions, refresh_masters
+
+if TYPE_CHECKING:
+    from .optimizer import ZeroOptimizer
+
+FORMAT = 1  # of the meta entry; the directory's format is _ckpt_fs.FORMAT
+META, STEP, EXTRA = "zerocomm.meta", "zerocomm.step", "zerocomm.extra"
+GROUPS = "optim.param_groups"
+STATE, MASTER, MODEL = "optim.state.", "optim.master.", "model."
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _piece(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """`t` (1-D, this rank's elements [start, start + numel) of a tensor of
+    `total` elements) tagged so DCP treats it as one chunk of that tensor."""
+    t.global_shape = (total,)
+    t.global_offsets = ((start,),)
+    t.local_offsets = ((0,),)
+    t.local_sizes = ((t.numel(),),)
+    return t
+
+
+def _chunks(zopt: "ZeroOptimizer") -> list[torch.nn.Module]:
+    return list(zopt.sync.chunks)
+
+
+def _prefix(zopt: "ZeroOptimizer", c: int) -> str:
+    return f"chunk{c}." if len(_chunks(zopt)) > 1 else ""
+
+
+def _param_names(zopt: "ZeroOptimizer") -> list[str]:
+    """Global name of every parameter of the user's optimizer, in its order."""
+    names: dict[int, str] = {}
+    for c, chunk in enumerate(_chunks(zopt)):
+        for n, p in chunk.named_parameters():
+            names.setdefault(id(p), _prefix(zopt, c) + n)
+    return [names[id(p)] for p in zopt._user_params]
+
+
+def _group_names(zopt: "ZeroOptimizer") -> list[list[str]]:
+    names, out, k = _param_names(zopt), [], 0
+    for g in zopt._user_optimizer.param_groups:
+        out.append(names[k:k + len(g["params"])])
+        k += len(g["params"])
+    return out
+
+
+def _group(zopt: "ZeroOptimizer") -> dist.ProcessGroup | None:
+    """The group DCP coordinates over; None without torch.distributed."""
+    if not dist.is_initialized():
+        return None
+    group = zopt.units[0].group
+    members = dist.get_process_group_ranks(group)
+    for u in zopt.units[1:]:
+        if dist.get_process_group_ranks(u.group) != members:
+            # Expert parameters synced over sub-groups hold different values
+            # per sub-group: one global key per parameter cannot describe them.
+            raise NotImplementedError(
+                f"checkpointing the {u.name!r} plan is not supported: it syncs over a sub-group "
+                "of the data-parallel group (expert_group); use the same group for all plans"
+            )
+    return group
+
+
+def _is_elementwise(key: str, v: Any, local: torch.Tensor) -> bool:
+    """State with one value per element of the local tensor (exp_avg,
+    momentum_buffer, ...), as opposed to scalars (`step`) and whole-tensor
+    state of non-element-wise optimizers. A 0-dim parameter's state is
+    ambiguous by shape: there only `step` counts as a scalar."""
+    if not torch.is_tensor(v) or v.numel() != local.numel():
+        return False
+    return v.dim() > 0 or (local.dim() == 0 and key != "step")
+
+
+def _by_param(entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{param name: {state key: value}} of every `optim.state.<name>.<key>`
+    entry (torch optimizers' state keys contain no dots)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, v in entries.items():
+        if key.startswith(STATE):
+            name, _, k = key[len(STATE):].rpartition(".")
+            out.setdefault(name, {})[k] = v
+    return out
+
+
+def _empty_like_md(md: Any, device: torch.device, numel: int | None = None) -> Any:
+    if isinstance(md, BytesStorageMetadata):
+        return None  # DCP replaces it with the loaded object
+    return torch.empty(md.size if numel is None else (numel,), dtype=md.properties.dtype, device=device)
+
+
+# ------------------------------------------------------- state dict (DCP)
+
+
+def sharded_state_dict(zopt: "ZeroOptimizer", *, metadata: Metadata | None = None) -> dict[str, Any]:
+    """This rank's part of the checkpoint, for `dcp.save` / `dcp.load`.
+
+    Without `metadata`: the current model and optimizer state (to save, or to
+    load into an optimizer that has the same state keys). With a checkpoint's
+    `metadata` (`FileSystemReader(path).read_metadata()`): freshly allocated
+    tensors shaped after that checkpoint for this rank's ownership (to load
+    into an optimizer that has not stepped yet). Load the result with
+    `load_sharded_state_dict`, which checks everything before it writes
+    anything (model tensors are scratch copies when loading).
+    """
+    _group(zopt)  # refuse unsupported expert sub-groups up front
+    zopt.synchronize()  # parameters are read (or written) outside a forward pass
+    names = _param_names(zopt)
+    sd: dict[str, Any] = {}
+    for c, chunk in enumerate(_chunks(zopt)):
+        for k, v in chunk.state_dict(keep_vars=False).items():
+            # Loading goes into scratch tensors (on the CPU, not doubling GPU
+            # memory): a load that fails half-way must leave the model as it was.
+            sd[MODEL + _prefix(zopt, c) + k] = v if metadata is None else torch.empty_like(v, device="cpu")
+    if metadata is None:
+        sd[META] = {
+            "format": FORMAT,
+            "mode": zopt.mode,
+            "world_size": zopt.units[0].transport.world_size,
+            "optimizer": type(zopt.optim).__name__,
+            "param_names": _group_names(zopt),
+            "n_chunks": len(_chunks(zopt)),
+        }
+        sd[GROUPS] = [{k: v for k, v in g.items() if k != "params"} for g in zopt.optim.param_groups]
+    else:
+        for key in (META, GROUPS, STEP, EXTRA):
+            if key in metadata.state_dict_metadata:
+                sd[key] = None
+    saved = _by_param(metadata.state_dict_metadata) if metadata is not None else {}
+    for lp in zopt._locals:
+        name, p = names[lp.index], zopt._user_params[lp.index]
+        if metadata is None:
+            for k, v in zopt.optim.state.get(lp.tensor, {}).items():
+                if _is_elementwise(k, v, lp.tensor):
+                    sd[f"{STATE}{name}.{k}"] = _piece(v.detach().reshape(-1), lp.start, p.numel())
+                else:
+                    sd[f"{STATE}{name}.{k}"] = v  # scalar (replicated) or whole-parameter state
+            if lp.tensor.dtype != p.dtype:
+                sd[MASTER + name] = _piece(lp.tensor.detach().reshape(-1), lp.start, p.numel())
+            continue
+        for k, md in saved.get(name, {}).items():
+            key = f"{STATE}{name}.{k}"
+            if isinstance(md, TensorStorageMetadata) and tuple(md.size) == (p.numel(),):
+                sd[key] = _piece(_empty_like_md(md, lp.tensor.device, lp.numel), lp.start, p.numel())
+            elif lp.numel != p.numel() and isinstance(md, TensorStorageMetadata) and len(md.size) > 0:
+                raise ValueError(
+                    f"optimizer state {k!r} of {name} is not element-wise (shape {tuple(md.size)}), "
+                    "so it cannot be split into the slices this rank owns in allgather mode: "
+                    "load it with mode='broadcast'"
+                )
+            else:
+                sd[key] = _empty_like_md(md, lp.tensor.device)
+        md = metadata.state_dict_metadata.get(MASTER + name)
+        if md is not None and lp.tensor.dtype != p.dtype:
+            sd[MASTER + name] = _piece(_empty_like_md(md, lp.tensor.device, lp.numel), lp.start, p.numel())
+    return sd
+
+
+def _names_diff(got: list[str], want: list[str]) -> str | None:
+    """What differs between the checkpoint's names (`got`) and the model's."""
+    have, need = set(got), set(want)
+    lacking = [n for n in want if n not in have]
+    surplus = [n for n in got if n not in need]
+    if not lacking and not surplus:
+        return None
+    parts = []
+    if surplus:
+        parts.append(f"the checkpoint has {len(surplus)} entries the model lacks: {surplus[:5]}"
+                     + (" ..." if len(surplus) > 5 else ""))
+    if lacking:
+        parts.append(f"the model has {len(lacking)} entries the checkpoint lacks: {lacking[:5]}"
+                     + (" ..." if len(lacking) > 5 else ""))
+    return "; ".join(parts) + " (a different model architecture or number of layers?)"
+
+
+def _live_model(zopt: "ZeroOptimizer") -> dict[str, torch.Tensor]:
+    return {_prefix(zopt, c) + k: v for c, chunk in enumerate(_chunks(zopt))
+            for k, v in chunk.state_dict(keep_vars=False).items()}
+
+
+def _check_compatible(zopt: "ZeroOptimizer", meta: Any, groups: Any,
+                      metadata: Metadata | None = None) -> None:
+    """Every mismatch between a checkpoint and this model/optimizer, named,
+    before anything is read into or written to them."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"not a zerocomm checkpoint (format {FORMAT}): {META} is {meta!r}")
+    saved, mine = meta.get("optimizer"), type(zopt.optim).__name__
+    if saved != mine:
+        raise ValueError(f"the checkpoint holds {saved} optimizer state but this optimizer is {mine}: "
+                         f"load it into the same optimizer class ({saved}); consolidate() gives the "
+                         "model weights alone")
+    live = _live_model(zopt)
+    if metadata is not None:  # names, shapes and dtypes of the model's tensors
+        md = {k[len(MODEL):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL)}
+        diff = _names_diff(list(md), list(live))
+        if diff is not None:
+            raise ValueError(f"model parameters/buffers do not match the checkpoint: {diff}")
+        for name, t in live.items():
+            m = md[name]
+            if not isinstance(m, TensorStorageMetadata):
+                raise ValueError(f"{name!r} is not a tensor in the checkpoint")
+            if tuple(m.size) != tuple(t.shape):
+                raise ValueError(f"parameter {name!r} has shape {tuple(m.size)} in the checkpoint but "
+                                 f"{tuple(t.shape)} in the model")
+            if m.properties.dtype != t.dtype:
+                raise ValueError(f"parameter {name!r} is {m.properties.dtype} in the checkpoint but {t.dtype} "
+                                 "in the model: convert the model (model.to(dtype)) before loading")
+    got, want = meta.get("param_names"), _group_names(zopt)
+    if got != want:
+        flat_got = [n for g in got for n in g] if isinstance(got, list) else []
+        diff = _names_diff(flat_got, [n for g in want for n in g])
+        if diff is not None:
+            raise ValueError(f"the optimizer's parameters do not match the checkpoint: {diff}")
+        if len(got) != len(want):
+            raise ValueError(f"checkpoint has {len(got)} param groups but the optimizer has {len(want)}")
+        for gi, (a, b) in enumerate(zip(got, want)):
+            if a != b:
+                first = next((f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y), f"{len(a)} vs {len(b)}")
+                raise ValueError(f"param group {gi} holds other parameters than in the checkpoint "
+                                 f"(checkpoint vs optimizer: {first}): build the same param groups")
+    if not isinstance(groups, list) or len(groups) != len(zopt.optim.param_groups):
+        raise ValueError(f"checkpoint has {len(groups) if isinstance(groups, list) else groups!r} param "
+                         f"groups but the optimizer has {len(zopt.optim.param_groups)}")
+
+
+@torch.no_grad()
+def load_sharded_state_dict(zopt: "ZeroOptimizer", state_dict: dict[str, Any]) -> None:
+    """Apply what `dcp.load` filled into `sharded_state_dict(...)`: model
+    parameters and buffers, this rank's optimizer state and masters, and the
+    param groups' hyper-parameters. No collective; every rank leaves with
+    identical parameters, so no sync needs to be launched. Everything is
+    checked before anything is written: a refused load changes nothing."""
+    _check_compatible(zopt, state_dict.get(META), state_dict.get(GROUPS))
+    zopt.synchronize()
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, dst in _live_model(zopt).items():
+        src = state_dict.get(MODEL + name)
+        if not torch.is_tensor(src) or src.shape != dst.shape or src.dtype != dst.dtype:
+            what = "missing" if not torch.is_tensor(src) else f"{tuple(src.shape)} {src.dtype}"
+            raise ValueError(f"model entry {name!r} of the loaded state is {what}, the model's is "
+                             f"{tuple(dst.shape)} {dst.dtype}")
+        copies.append((dst, src))
+    names = _param_names(zopt)
+    pos = _local_positions(zopt)
+    local_state: dict[int, dict[str, Any]] = {}
+    masters: list[tuple[Any, torch.Tensor | None]] = []
+    state = _by_param(state_dict)
+    for lp in zopt._locals:
+        name, p = names[lp.index], zopt._user_params[lp.index]
+        if lp.tensor.dtype != p.dtype:  # a separate master: prefer the saved fp32 values
+            master = state_dict.get(MASTER + name)
+            if master is not None and master.numel() != lp.numel:
+                raise ValueError(f"master of {name!r}: {master.numel()} elements loaded, {lp.numel} owned")
+            masters.append((lp, master))
+        # a piece goes back to the local tensor's shape
+        entry = {k: v.view(lp.tensor.shape) if hasattr(v, "global_shape") else v
+                 for k, v in state.get(name, {}).items()}
+        if entry:
+            local_state[pos[id(lp.tensor)]] = entry
+    # Commit. The optimizer first: torch checks its state dict and may still
+    # refuse it; the tensor copies below cannot fail any more.
+    zopt.optim.load_state_dict({
+        "state": local_state,
+        "param_groups": [{**hyper, "params": [pos[id(t)] for t in g["params"]]}
+                         for hyper, g in zip(state_dict[GROUPS], zopt.optim.param_groups)],
+    })
+    for dst, src in copies:
+        if src.data_ptr() != dst.data_ptr():
+            dst.copy_(src)
+    # In allgather mode this rank's slice of the flat sync buffer IS its
+    # master shard: take the loaded parameters up (saved fp32 masters below
+    # then replace the separate ones).
+    refresh_masters(zopt)
+    for lp, master in masters:
+        if master is None:
+            master = zopt._user_params[lp.index].detach().reshape(-1).narrow(0, lp.start, lp.numel)
+        lp.tensor.detach().reshape(-1).copy_(master)
