@@ -57,7 +57,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -65,9 +64,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench.launch import spawn_gloo_ranks  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
@@ -419,56 +418,44 @@ def tinygpt_allgather_prediction(args: argparse.Namespace, world: int, cal: dict
             "bytes": sum(b.nbytes for b in plan.buckets), "params": plan.total_numel}
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, q) -> None:
+def _worker(rank: int, world: int, args: argparse.Namespace) -> list[dict] | None:
     """Rounds of (collective sweep, zerocomm TinyGPT allgather sync), interleaved so that
-    both see the same machine load (other jobs share these cores)."""
+    both see the same machine load (other jobs share these cores). Returns every
+    rank's measurements on rank 0, None on the others."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        import zerocomm
-        from zerocomm.models import TinyGPT
+    import zerocomm
+    from zerocomm.models import TinyGPT
 
-        sync = None
-        if not args.no_validate:
-            model = TinyGPT(vocab=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads, seq=args.seq)
-            sync = zerocomm.attach(model, mode="allgather", bucket_mb=args.cpu_bucket_mb)
-            for _ in range(3):
+    sync = None
+    if not args.no_validate:
+        model = TinyGPT(vocab=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads, seq=args.seq)
+        sync = zerocomm.attach(model, mode="allgather", bucket_mb=args.cpu_bucket_mb)
+        for _ in range(3):
+            sync.launch()
+            sync.synchronize()
+    out = {"rounds": [], "copy_Bps": measure_copy()}
+    for _ in range(args.rounds):
+        rnd = {}
+        if not args.calibration:
+            rnd["sweep"] = measure_sweep(world, rank, args.reps)
+        if sync is not None:
+            def one() -> None:
                 sync.launch()
                 sync.synchronize()
-        out = {"rounds": [], "copy_Bps": measure_copy()}
-        for _ in range(args.rounds):
-            rnd = {}
-            if not args.calibration:
-                rnd["sweep"] = measure_sweep(world, rank, args.reps)
-            if sync is not None:
-                def one() -> None:
-                    sync.launch()
-                    sync.synchronize()
 
-                rnd["sync_s"] = _time_op(one, args.val_reps)
-            out["rounds"].append(rnd)
-        if sync is not None:
-            sync.close()
-        gathered = [None] * world
-        dist.all_gather_object(gathered, out)
-        if rank == 0:
-            q.put(gathered)
-    finally:
-        dist.destroy_process_group()
+            rnd["sync_s"] = _time_op(one, args.val_reps)
+        out["rounds"].append(rnd)
+    if sync is not None:
+        sync.close()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    return gathered if rank == 0 else None
 
 
 def run_measurements(args: argparse.Namespace, world: int = 2) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, args, q), nprocs=world, start_method="spawn")
-    return q.get()
+    return spawn_gloo_ranks(_worker, world, (args,))[0]
 
 
 # ----------------------------------------------------------------- report
