@@ -197,7 +197,7 @@ def _job_resume(rank: int, world: int, root: str, pairs: list[tuple[str, str]], 
         checkpoint.load(path, zopt)
         assert all(torch.equal(p, saved["model"][n]) for n, p in model.named_parameters())
         names = dict((id(p), n) for n, p in model.named_parameters())
-        owned = [(names[id(zopt._user_params[lp.index])], lp.tensor) for lp in zopt._locals]
+        owned = [(names[id(zopt.user_params[lp.index])], lp.tensor) for lp in zopt.pieces]
         for n, master in owned:
             assert master.dtype == torch.float32
             assert torch.equal(master.reshape(-1), saved["master"][n]), f"master of {n} not restored"

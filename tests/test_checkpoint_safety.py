@@ -59,7 +59,7 @@ def _snapshot(model, zopt) -> dict[str, Any]:
     zopt.synchronize()
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "optim": zopt.state_dict(),  # collective: both ranks take snapshots in step
-            "masters": [lp.tensor.detach().clone() for lp in zopt._locals]}
+            "masters": [lp.tensor.detach().clone() for lp in zopt.pieces]}
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -279,19 +279,19 @@ def _bf16(rank: int, world: int) -> dict:
         _train(model, zopt, range(STEPS), rank, world, sharded=True)
         zopt.synchronize()
         masters = []
-        for lp in zopt._locals:  # (user param index, start, numel): where each master slice belongs
+        for lp in zopt.pieces:  # (user param index, start, numel): where each master slice belongs
             assert lp.tensor.dtype == torch.float32
-            working = zopt._user_params[lp.index].detach().view(-1).narrow(0, lp.start, lp.numel)
+            working = zopt.user_params[lp.index].detach().view(-1).narrow(0, lp.start, lp.numel)
             assert working.dtype == torch.bfloat16
             # the working copy of what this rank owns IS its master rounded to bf16
             assert torch.equal(working, lp.tensor.detach().view(-1).to(torch.bfloat16)), (mode, lp.index)
             masters.append((lp.index, lp.start, lp.numel, lp.tensor.detach().view(-1).clone()))
         in_optim = {id(t) for g in zopt.optim.param_groups for t in g["params"]}
-        assert {id(lp.tensor) for lp in zopt._locals} <= in_optim  # the masters ARE the optimizer's tensors
+        assert {id(lp.tensor) for lp in zopt.pieces} <= in_optim  # the masters ARE the optimizer's tensors
         # reloading the optimizer state with the model untouched keeps the
         # masters' fp32 bits (only working values changed since are taken up)
         zopt.load_state_dict(zopt.state_dict())
-        assert all(torch.equal(lp.tensor.detach().view(-1), m) for lp, (*_, m) in zip(zopt._locals, masters))
+        assert all(torch.equal(lp.tensor.detach().view(-1), m) for lp, (*_, m) in zip(zopt.pieces, masters))
         out[mode] = {"masters": masters, "params": _params(model)}
         zopt.close()
     return out

@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from .optimizer_state import _local_positions, refresh_masters
+from .optimizer_state import local_positions
+from .partition import chunk_prefix
 
 if TYPE_CHECKING:
-    from .optimizer import ZeroOptimizer
+    from .shards import ShardedOptimizer
 
 FORMAT = 1  # of the meta entry; the directory's format is _ckpt_fs.FORMAT
 META, STEP, EXTRA = "zerocomm.meta", "zerocomm.step", "zerocomm.extra"
@@ -51,43 +52,31 @@ def _piece(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
     return t
 
 
-def _chunks(zopt: "ZeroOptimizer") -> list[torch.nn.Module]:
-    return list(zopt.sync.chunks)
-
-
-def _prefix(zopt: "ZeroOptimizer", c: int) -> str:
-    return f"chunk{c}." if len(_chunks(zopt)) > 1 else ""
-
-
-def _param_names(zopt: "ZeroOptimizer") -> list[str]:
+def _param_names(zopt: "ShardedOptimizer") -> list[str]:
     """Global name of every parameter of the user's optimizer, in its order."""
-    names: dict[int, str] = {}
-    for c, chunk in enumerate(_chunks(zopt)):
-        for n, p in chunk.named_parameters():
-            names.setdefault(id(p), _prefix(zopt, c) + n)
-    return [names[id(p)] for p in zopt._user_params]
+    return list(zopt.param_names)
 
 
-def _group_names(zopt: "ZeroOptimizer") -> list[list[str]]:
+def _group_names(zopt: "ShardedOptimizer") -> list[list[str]]:
     names, out, k = _param_names(zopt), [], 0
-    for g in zopt._user_optimizer.param_groups:
-        out.append(names[k:k + len(g["params"])])
-        k += len(g["params"])
+    for size in zopt.user_group_sizes:
+        out.append(names[k:k + size])
+        k += size
     return out
 
 
-def _group(zopt: "ZeroOptimizer") -> dist.ProcessGroup | None:
+def dcp_group(zopt: "ShardedOptimizer") -> dist.ProcessGroup | None:
     """The group DCP coordinates over; None without torch.distributed."""
     if not dist.is_initialized():
         return None
-    group = zopt.units[0].group
+    group = zopt.group
     members = dist.get_process_group_ranks(group)
-    for u in zopt.units[1:]:
-        if dist.get_process_group_ranks(u.group) != members:
+    for name, g in zopt.process_groups.items():
+        if dist.get_process_group_ranks(g) != members:
             # Expert parameters synced over sub-groups hold different values
             # per sub-group: one global key per parameter cannot describe them.
             raise NotImplementedError(
-                f"checkpointing the {u.name!r} plan is not supported: it syncs over a sub-group "
+                f"checkpointing the {name!r} plan is not supported: it syncs over a sub-group "
                 "of the data-parallel group (expert_group); use the same group for all plans"
             )
     return group
@@ -103,7 +92,7 @@ def _is_elementwise(key: str, v: Any, local: torch.Tensor) -> bool:
     return v.dim() > 0 or (local.dim() == 0 and key != "step")
 
 
-def _by_param(entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def by_param(entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{param name: {state key: value}} of every `optim.state.<name>.<key>`
     entry (torch optimizers' state keys contain no dots)."""
     out: dict[str, dict[str, Any]] = {}
@@ -123,7 +112,7 @@ def _empty_like_md(md: Any, device: torch.device, numel: int | None = None) -> A
 # ------------------------------------------------------- state dict (DCP)
 
 
-def sharded_state_dict(zopt: "ZeroOptimizer", *, metadata: Metadata | None = None) -> dict[str, Any]:
+def sharded_state_dict(zopt: "ShardedOptimizer", *, metadata: Metadata | None = None) -> dict[str, Any]:
     """This rank's part of the checkpoint, for `dcp.save` / `dcp.load`.
 
     Without `metadata`: the current model and optimizer state (to save, or to
@@ -134,32 +123,32 @@ def sharded_state_dict(zopt: "ZeroOptimizer", *, metadata: Metadata | None = Non
     `load_sharded_state_dict`, which checks everything before it writes
     anything (model tensors are scratch copies when loading).
     """
-    _group(zopt)  # refuse unsupported expert sub-groups up front
+    dcp_group(zopt)  # refuse unsupported expert sub-groups up front
     zopt.synchronize()  # parameters are read (or written) outside a forward pass
     names = _param_names(zopt)
     sd: dict[str, Any] = {}
-    for c, chunk in enumerate(_chunks(zopt)):
+    for c, chunk in enumerate(zopt.chunks):
         for k, v in chunk.state_dict(keep_vars=False).items():
             # Loading goes into scratch tensors (on the CPU, not doubling GPU
             # memory): a load that fails half-way must leave the model as it was.
-            sd[MODEL + _prefix(zopt, c) + k] = v if metadata is None else torch.empty_like(v, device="cpu")
+            sd[MODEL + chunk_prefix(c, len(zopt.chunks)) + k] = v if metadata is None else torch.empty_like(v, device="cpu")
     if metadata is None:
         sd[META] = {
             "format": FORMAT,
             "mode": zopt.mode,
-            "world_size": zopt.units[0].transport.world_size,
+            "world_size": zopt.world_size,
             "optimizer": type(zopt.optim).__name__,
             "param_names": _group_names(zopt),
-            "n_chunks": len(_chunks(zopt)),
+            "n_chunks": len(zopt.chunks),
         }
         sd[GROUPS] = [{k: v for k, v in g.items() if k != "params"} for g in zopt.optim.param_groups]
     else:
         for key in (META, GROUPS, STEP, EXTRA):
             if key in metadata.state_dict_metadata:
                 sd[key] = None
-    saved = _by_param(metadata.state_dict_metadata) if metadata is not None else {}
-    for lp in zopt._locals:
-        name, p = names[lp.index], zopt._user_params[lp.index]
+    saved = by_param(metadata.state_dict_metadata) if metadata is not None else {}
+    for lp in zopt.pieces:
+        name, p = names[lp.index], zopt.user_params[lp.index]
         if metadata is None:
             for k, v in zopt.optim.state.get(lp.tensor, {}).items():
                 if _is_elementwise(k, v, lp.tensor):
@@ -204,12 +193,12 @@ def _names_diff(got: list[str], want: list[str]) -> str | None:
     return "; ".join(parts) + " (a different model architecture or number of layers?)"
 
 
-def _live_model(zopt: "ZeroOptimizer") -> dict[str, torch.Tensor]:
-    return {_prefix(zopt, c) + k: v for c, chunk in enumerate(_chunks(zopt))
+def _live_model(zopt: "ShardedOptimizer") -> dict[str, torch.Tensor]:
+    return {chunk_prefix(c, len(zopt.chunks)) + k: v for c, chunk in enumerate(zopt.chunks)
             for k, v in chunk.state_dict(keep_vars=False).items()}
 
 
-def _check_compatible(zopt: "ZeroOptimizer", meta: Any, groups: Any,
+def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any,
                       metadata: Metadata | None = None) -> None:
     """Every mismatch between a checkpoint and this model/optimizer, named,
     before anything is read into or written to them."""
@@ -255,13 +244,13 @@ def _check_compatible(zopt: "ZeroOptimizer", meta: Any, groups: Any,
 
 
 @torch.no_grad()
-def load_sharded_state_dict(zopt: "ZeroOptimizer", state_dict: dict[str, Any]) -> None:
+def load_sharded_state_dict(zopt: "ShardedOptimizer", state_dict: dict[str, Any]) -> None:
     """Apply what `dcp.load` filled into `sharded_state_dict(...)`: model
     parameters and buffers, this rank's optimizer state and masters, and the
     param groups' hyper-parameters. No collective; every rank leaves with
     identical parameters, so no sync needs to be launched. Everything is
     checked before anything is written: a refused load changes nothing."""
-    _check_compatible(zopt, state_dict.get(META), state_dict.get(GROUPS))
+    check_compatible(zopt, state_dict.get(META), state_dict.get(GROUPS))
     zopt.synchronize()
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, dst in _live_model(zopt).items():
@@ -272,12 +261,12 @@ def load_sharded_state_dict(zopt: "ZeroOptimizer", state_dict: dict[str, Any]) -
                              f"{tuple(dst.shape)} {dst.dtype}")
         copies.append((dst, src))
     names = _param_names(zopt)
-    pos = _local_positions(zopt)
+    pos = local_positions(zopt)
     local_state: dict[int, dict[str, Any]] = {}
     masters: list[tuple[Any, torch.Tensor | None]] = []
-    state = _by_param(state_dict)
-    for lp in zopt._locals:
-        name, p = names[lp.index], zopt._user_params[lp.index]
+    state = by_param(state_dict)
+    for lp in zopt.pieces:
+        name, p = names[lp.index], zopt.user_params[lp.index]
         if lp.tensor.dtype != p.dtype:  # a separate master: prefer the saved fp32 values
             master = state_dict.get(MASTER + name)
             if master is not None and master.numel() != lp.numel:
@@ -301,8 +290,8 @@ def load_sharded_state_dict(zopt: "ZeroOptimizer", state_dict: dict[str, Any]) -
     # In allgather mode this rank's slice of the flat sync buffer IS its
     # master shard: take the loaded parameters up (saved fp32 masters below
     # then replace the separate ones).
-    refresh_masters(zopt)
+    zopt.refresh_masters()
     for lp, master in masters:
         if master is None:
-            master = zopt._user_params[lp.index].detach().reshape(-1).narrow(0, lp.start, lp.numel)
+            master = zopt.user_params[lp.index].detach().reshape(-1).narrow(0, lp.start, lp.numel)
         lp.tensor.detach().reshape(-1).copy_(master)

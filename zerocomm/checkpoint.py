@@ -35,13 +35,14 @@ from ._ckpt_fs import OLD_SUFFIX, CheckpointError, Paths
 from ._ckpt_read import (
     Opened, SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader, check_unchanged, open_checkpoint,
 )
+from .partition import chunk_prefix
 from ._ckpt_state import (
-    EXTRA, FORMAT, GROUPS, MASTER, META, MODEL, STEP, _by_param, _check_compatible, _group,
+    EXTRA, FORMAT, GROUPS, MASTER, META, MODEL, STEP, by_param, check_compatible, dcp_group,
     load_sharded_state_dict, sharded_state_dict,
 )
 
 if TYPE_CHECKING:
-    from .optimizer import ZeroOptimizer
+    from .shards import ShardedOptimizer
 
 __all__ = ["save", "load", "consolidate", "Loaded", "CheckpointError", "DEFAULT_TIMEOUT_S", "OLD_SUFFIX",
            "sharded_state_dict", "load_sharded_state_dict", "FORMAT", "META", "STEP", "EXTRA", "GROUPS"]
@@ -54,7 +55,7 @@ class Loaded(NamedTuple):
     extra: Any
 
 
-def save(path: str | os.PathLike, zopt: "ZeroOptimizer", *, step: Any = None, extra: Any = None,
+def save(path: str | os.PathLike, zopt: "ShardedOptimizer", *, step: Any = None, extra: Any = None,
          timeout: float | None = None) -> None:
     """Write a sharded checkpoint of the model and optimizer to directory
     `path` (collective: every rank calls it; `path` on a shared filesystem).
@@ -66,12 +67,12 @@ def save(path: str | os.PathLike, zopt: "ZeroOptimizer", *, step: Any = None, ex
     `timeout`: seconds any rank waits for the others at any step (default
     `DEFAULT_TIMEOUT_S`; raise it for very large checkpoints on slow storage).
     Raises `CheckpointError` on every rank if any rank failed."""
-    group = _group(zopt)
+    group = dcp_group(zopt)
     with coordination(group, timeout, f"zerocomm.checkpoint.save({os.fspath(path)!r})") as co:
         _save(path, zopt, co, step, extra)
 
 
-def _save(path: str | os.PathLike, zopt: "ZeroOptimizer", co: Coordinator, step: Any, extra: Any) -> None:
+def _save(path: str | os.PathLike, zopt: "ShardedOptimizer", co: Coordinator, step: Any, extra: Any) -> None:
     err: BaseException | None = None
     sd: dict[str, Any] = {}
     blob = b""
@@ -132,7 +133,7 @@ def _save(path: str | os.PathLike, zopt: "ZeroOptimizer", co: Coordinator, step:
             lock.release()
 
 
-def load(path: str | os.PathLike, zopt: "ZeroOptimizer", *, timeout: float | None = None,
+def load(path: str | os.PathLike, zopt: "ShardedOptimizer", *, timeout: float | None = None,
          trusted: bool = False) -> Loaded:
     """Restore model parameters, optimizer state and hyper-parameters from a
     checkpoint written by `save()` on any world size and in either mode
@@ -143,7 +144,7 @@ def load(path: str | os.PathLike, zopt: "ZeroOptimizer", *, timeout: float | Non
     class and the model's names, shapes and dtypes are checked before
     anything is written: a load that raises leaves model, masters and
     optimizer state as they were. Raises `CheckpointError` on every rank."""
-    group = _group(zopt)
+    group = dcp_group(zopt)
     with coordination(group, timeout, f"zerocomm.checkpoint.load({os.fspath(path)!r})") as co:
         err: BaseException | None = None
         opened: Opened | None = None
@@ -152,7 +153,7 @@ def load(path: str | os.PathLike, zopt: "ZeroOptimizer", *, timeout: float | Non
             opened = open_checkpoint(fs.resolve(fs.normalise(path)), trusted)
             data = sorted(f for f in opened.marker["files"] if f not in (fs.ENTRIES, fs.METADATA))
             fs.verify(opened.path, opened.marker, data[co.rank::co.world])  # each rank a share
-            _check_compatible(zopt, opened.entries.get("meta"), opened.entries.get("param_groups"),
+            check_compatible(zopt, opened.entries.get("meta"), opened.entries.get("param_groups"),
                               opened.metadata)
             sd = sharded_state_dict(zopt, metadata=opened.metadata)
         except Exception as e:
@@ -204,7 +205,7 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a zerocomm checkpoint (meta format {FORMAT})")
     model = {k[len(MODEL):]: v for k, v in sd.items() if k.startswith(MODEL)}
-    saved = _by_param(sd)
+    saved = by_param(sd)
     state: dict[int, dict[str, Any]] = {}
     groups, idx = [], 0
     for hyper, names in zip(opened.entries["param_groups"], meta["param_names"]):
@@ -218,8 +219,8 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
             idx += 1
     n = meta.get("n_chunks", 1)
     if n > 1:
-        model = [{k[len(f"chunk{c}."):]: v for k, v in model.items() if k.startswith(f"chunk{c}.")}
-                 for c in range(n)]
+        prefixes = [chunk_prefix(c, n) for c in range(n)]
+        model = [{k[len(pre):]: v for k, v in model.items() if k.startswith(pre)} for pre in prefixes]
     out: dict[str, Any] = {
         "model": model,
         "optimizer": {"state": state, "param_groups": groups},

@@ -15,8 +15,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import guards
+from .optimizer_state import consolidated_state_dict, load_consolidated_state_dict
 from .param_sync import ParamSync, SyncUnit, owned_pieces
 from .partition import Plan
+from .shards import ShardPiece
 from .validate import all_params, check_elementwise
 
 REDUCE_SCATTER = -1  # scheduler root code
@@ -100,6 +102,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # steps, checked at the next step instead of silently ignored.
         planned = {id(s.param) for u in self.units for s in u.plan.params}
         names = {id(p): n for n, p in all_params(chunks)}
+        self._param_names = tuple(names.get(id(p), f"param {i}") for i, p in enumerate(self._user_params))
+        self._group_sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
+        self._user_params_view = tuple(self._user_params)
         self._unplanned = [(names.get(id(p), f"param {i}"), p)
                            for i, p in enumerate(self._user_params) if id(p) not in planned]
         self._grad_watch = guards.GradWatch()
@@ -121,6 +126,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._build_grad_buckets(ui, u)
             self._build_local_params(ui, u)
         self.optim = self._build_local_optimizer(optimizer)
+        self._pieces = tuple(ShardPiece(lp.index, lp.start, lp.numel, lp.group, lp.tensor) for lp in self._locals)
         self._bucket_locals: dict[tuple[int, int], list[LocalParam]] = {}
         for lp in self._locals:
             self._bucket_locals.setdefault(lp.bucket, []).append(lp)
@@ -526,13 +532,71 @@ class ZeroOptimizer(torch.optim.Optimizer):
         parameters outside a forward pass)."""
         self.sync.synchronize()
 
+    @torch.no_grad()
     def refresh_masters(self) -> None:
-        """Take up parameter values written outside zerocomm since attach
-        (re-initialisation, pretrained weights copied in). Not needed after
-        `model.load_state_dict`, which calls it. Collective-free."""
-        from .optimizer_state import refresh_masters
+        """Take up working parameters written outside zerocomm (done by
+        itself at the next step, and by `model.load_state_dict`). The step
+        updates the masters (the flat shard itself in allgather mode, fp32
+        copies under master_dtype) and the sync copies them over the
+        parameters, so stale masters would silently undo the write. Elements
+        whose working value still equals its master (rounded) keep the
+        master's precision. Collective-free."""
+        self.synchronize()
+        for lp in self._locals:
+            p = self._user_params[lp.index]
+            if lp.tensor is p:  # broadcast mode, no master copy: the parameter itself
+                continue
+            working = p.detach().reshape(-1).narrow(0, lp.start, lp.numel)
+            master = lp.tensor.detach().view(-1)
+            changed = working != master.to(working.dtype)
+            master[changed] = working[changed].to(master.dtype)
 
-        refresh_masters(self)
+    # -- the public, read-only view (zerocomm.shards.ShardedOptimizer) ------
+    @property
+    def pieces(self) -> tuple[ShardPiece, ...]:
+        """Every tensor the local optimizer steps, and where it belongs."""
+        return self._pieces
+
+    @property
+    def user_params(self) -> tuple[torch.Tensor, ...]:
+        """The model parameters in the user's optimizer order."""
+        return self._user_params_view
+
+    @property
+    def user_group_sizes(self) -> tuple[int, ...]:
+        """How many parameters each of the user's param groups holds."""
+        return self._group_sizes
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The qualified name of each parameter in `user_params`."""
+        return self._param_names
+
+    @property
+    def chunks(self) -> tuple[nn.Module, ...]:
+        return tuple(self.sync.chunks)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The data-parallel group of the dense plan."""
+        return self.units[0].group
+
+    @property
+    def process_groups(self) -> dict[str, dist.ProcessGroup | None]:
+        """The group each plan (dense, expert) syncs over."""
+        return {u.name: u.group for u in self.units}
+
+    @property
+    def world_size(self) -> int:
+        return self.units[0].transport.world_size
+
+    def buffer_bytes(self) -> int:
+        """Bytes of zerocomm's own buffers on this rank: parameter flats,
+        gradient flats and gradient shards."""
+        flats = sum(f.numel() * f.element_size() for u in self.units for f in u.flats)
+        flats += sum(f.numel() * f.element_size() for fl in self._grad_flats for f in fl)
+        shards = sum(f.numel() * f.element_size() for fl in self._grad_shards for f in fl if f is not None)
+        return flats + shards
 
     def close(self) -> None:
         for h in self._hooks:
@@ -572,28 +636,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- checkpoint ---------------------------------------------------------
     def state_dict(self, to_rank: int | None = None) -> dict:
-        from .optimizer_state import consolidated_state_dict
-
+        """The unsharded optimizer's state_dict (collective over the group;
+        with `to_rank` only that rank gets it). Sharded checkpoints:
+        zerocomm.checkpoint."""
         return consolidated_state_dict(self, to_rank)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        from .optimizer_state import load_consolidated_state_dict
-
         load_consolidated_state_dict(self, state_dict)
-
-    def sharded_state_dict(self, **kwargs: Any) -> dict:
-        """This rank's shards of the model and optimizer state, keyed by
-        global names for `torch.distributed.checkpoint` (see zerocomm.checkpoint)."""
-        from .checkpoint import sharded_state_dict
-
-        return sharded_state_dict(self, **kwargs)
-
-    def load_sharded_state_dict(self, state_dict: dict, **kwargs: Any) -> None:
-        """Load what `sharded_state_dict()` produced, possibly on another
-        world size or mode (see zerocomm.checkpoint)."""
-        from .checkpoint import load_sharded_state_dict
-
-        load_sharded_state_dict(self, state_dict, **kwargs)
 
     def __repr__(self) -> str:
         return f"ZeroOptimizer(mode={self.mode}, optimizer={type(self.optim).__name__}, units={len(self.units)})"

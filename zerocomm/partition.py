@@ -345,8 +345,14 @@ def _block_list(blocks, what: str) -> list[nn.Module]:
     return list(blocks)
 
 
+def chunk_prefix(c: int, n_chunks: int) -> str:
+    """The one naming rule for models given as several chunks (pipeline
+    stages): names inside chunk c are prefixed "chunk{c}."."""
+    return f"chunk{c}." if n_chunks > 1 else ""
+
+
 def _discover(chunks: list[nn.Module], blocks: BlocksArg) -> list[_RawBlock]:
-    prefixes = [""] if len(chunks) == 1 else [f"chunk{c}." for c in range(len(chunks))]
+    prefixes = [chunk_prefix(c, len(chunks)) for c in range(len(chunks))]
     if blocks is not None:
         return _user_blocks(chunks, prefixes, blocks)
     out: list[_RawBlock] = []
@@ -425,7 +431,7 @@ def build_plan(
     raw = _discover(chunk_list, blocks)
 
     names: dict[int, str] = {}
-    prefixes = [""] if len(chunk_list) == 1 else [f"chunk{c}." for c in range(len(chunk_list))]
+    prefixes = [chunk_prefix(c, len(chunk_list)) for c in range(len(chunk_list))]
     for ch, prefix in zip(chunk_list, prefixes):
         for n, p in ch.named_parameters():
             names.setdefault(id(p), prefix + n)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import __version__
-from .partition import build_plan
+from .partition import build_plan, chunk_prefix
 
 SYNCABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -23,7 +23,7 @@ def all_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
         for name, p in chunk.named_parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                out.append((name if len(chunks) == 1 else f"chunk{c}.{name}", p))
+                out.append((chunk_prefix(c, len(chunks)) + name, p))
     return out
 
 

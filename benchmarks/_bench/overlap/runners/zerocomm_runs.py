@@ -52,15 +52,8 @@ def exposed_by_block(spans: list[Span], gens: int) -> dict[str, float]:
 
 
 def _buffer_bytes(zopt: ZeroOptimizer) -> int:
-    """Bytes of zerocomm's own buffers: param flats, grad flats and grad shards.
-
-    ZeroOptimizer has no public view of its grad buffers yet (issue 12 plans one
-    builder owning every buffer), so this reads its private lists; it is the one
-    place the benchmark does, so only this function changes when the view lands."""
-    n = sum(f.numel() * f.element_size() for u in zopt.sync.units for f in u.flats)
-    n += sum(f.numel() * f.element_size() for fl in zopt._grad_flats for f in fl)
-    n += sum(f.numel() * f.element_size() for fl in zopt._grad_shards for f in fl if f is not None)
-    return n
+    """Bytes of zerocomm's own buffers: param flats, grad flats and grad shards."""
+    return zopt.buffer_bytes()
 
 
 def run_zerocomm(ctx: Ctx, mode: str, transport: str | SimulatedTransport, tag: str, layers: int | None = None,

@@ -1,0 +1,55 @@
+"""The public, read-only view of a sharded optimizer that state_dict
+consolidation and checkpoints work from (so they never read ZeroOptimizer's
+private fields, and never import it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """One tensor this rank's local optimizer steps, and where it belongs."""
+
+    index: int  # the model parameter's position in the user's optimizer order
+    start: int  # element offset inside that parameter (allgather pieces; 0 in broadcast mode)
+    numel: int
+    group: int  # the user's param group
+    tensor: torch.Tensor  # what the local optimizer steps: the parameter itself or its master
+
+
+class ShardedOptimizer(Protocol):
+    """What ZeroOptimizer offers to state_dict consolidation and checkpoints."""
+
+    mode: str
+    optim: torch.optim.Optimizer  # the user's optimizer class over this rank's pieces
+
+    @property
+    def pieces(self) -> tuple[ShardPiece, ...]: ...
+
+    @property
+    def user_params(self) -> tuple[torch.Tensor, ...]: ...
+
+    @property
+    def user_group_sizes(self) -> tuple[int, ...]: ...
+
+    @property
+    def param_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def chunks(self) -> tuple[torch.nn.Module, ...]: ...
+
+    @property
+    def group(self) -> Any: ...  # the data-parallel process group of the dense plan
+
+    @property
+    def process_groups(self) -> dict[str, Any]: ...  # per plan (dense, expert)
+
+    @property
+    def world_size(self) -> int: ...
+
+    def synchronize(self) -> None: ...
+
+    def refresh_masters(self) -> None: ...
