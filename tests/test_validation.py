@@ -66,7 +66,7 @@ def _raises(exc: type[Exception], match: str, fn: Callable[[], object]) -> None:
 
 
 def check_unknown_mode() -> None:
-    _raises(ValueError, r"unknown mode 'scatter': choose one of broadcast, allgather",
+    _raises(ValueError, r"unknown mode 'scatter': expected one of 'broadcast', 'allgather'",
             lambda: _attach(Net(), mode="scatter"))
 
 
@@ -328,3 +328,14 @@ def test_describe_mismatch_unit() -> None:
     msg = describe_mismatch([a, short, a], [4, 5, 6])  # global ranks of a subgroup
     assert msg is not None
     assert "at entry 2 (after block 'b0'): ranks 4,6 have param 'w (2,)'; rank 5 has end '<no more entries>'" in msg
+
+
+def test_optimizer_options_are_the_constructor_keywords() -> None:
+    """attach() refuses options by ZeroOptimizer.OPTIONS: it must list exactly what the class takes."""
+    import inspect
+
+    from zerocomm.optimizer import ZeroOptimizer
+
+    kw = {n for n, p in inspect.signature(ZeroOptimizer.__init__).parameters.items()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert ZeroOptimizer.OPTIONS == kw

@@ -23,7 +23,11 @@ def __getattr__(name: str) -> Any:
         from .api import attach
 
         return attach
+    if name == "SimulatedTransport":
+        from .transport import SimulatedTransport
+
+        return SimulatedTransport
     raise AttributeError(f"module 'zerocomm' has no attribute {name!r}")
 
 
-__all__ = ["attach", "build_info", "flatten", "unflatten", "FlatLayout", "__version__"]
+__all__ = ["attach", "build_info", "flatten", "unflatten", "FlatLayout", "SimulatedTransport", "__version__"]

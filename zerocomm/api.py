@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .optimizer import ZeroOptimizer
 from .param_sync import ParamSync
 from .transport import SimulatedTransport, group_timeout_s, resolve_group
 from .validate import check_model, check_options, check_plan_consistent, plan_fingerprint
@@ -32,7 +33,7 @@ def attach(
     high_priority: bool = False,
     zero_copy: bool = False,
     **optimizer_options: object,
-):
+) -> ParamSync | ZeroOptimizer:
     """Shard `optimizer` (ZeRO-1) over `group` and overlap the parameter sync
     with the next forward pass. Without an optimizer, return the bare
     `ParamSync` handle for custom loops (`launch()`, `synchronize()`).
@@ -50,7 +51,8 @@ def attach(
     try:
         check_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
                       timeout=timeout, transport=transport, expert_filter=expert_filter,
-                      optimizer=optimizer, optimizer_options=optimizer_options)
+                      optimizer=optimizer, optimizer_options=optimizer_options,
+                      optimizer_option_names=ZeroOptimizer.OPTIONS)
         device = check_model(chunks, optimizer)
         for c in chunks:
             if getattr(c, _ATTACHED, None) is not None:
@@ -74,8 +76,6 @@ def attach(
     if optimizer is None:
         handle = ParamSync(chunks, copy_in_params=True, **common)
     else:
-        from .optimizer import ZeroOptimizer
-
         handle = ZeroOptimizer(chunks, optimizer, **common, **optimizer_options)
     for c in chunks:
         setattr(c, _ATTACHED, handle)

@@ -23,13 +23,6 @@ from .validate import all_params, check_elementwise
 
 REDUCE_SCATTER = -1  # scheduler root code
 
-# Optimizers whose update of an element depends only on that element's own
-# gradient and state: safe to step on arbitrary slices (allgather mode).
-ELEMENTWISE = {
-    "SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
-    "RMSprop", "ASGD", "Rprop", "Lion",
-}
-
 
 @dataclass
 class LocalParam:
@@ -60,6 +53,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     user's optimizer (step, zero_grad, param_groups, state, state_dict,
     load_state_dict) while holding only this rank's shard of its state."""
 
+    # The attach() options this class takes (validate.check_options refuses others).
+    OPTIONS = frozenset({"master_dtype", "average_grads", "elementwise", "pipeline_step"})
+
     def __init__(
         self,
         chunks: list[nn.Module],
@@ -73,9 +69,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ) -> None:
         mode = sync_options["mode"]
         name = type(optimizer).__name__
-        is_elementwise = check_elementwise(optimizer, mode, elementwise)
-        if master_dtype is not None and not master_dtype.is_floating_point:
-            raise TypeError(f"master_dtype must be a floating dtype, got {master_dtype}")
+        is_elementwise = check_elementwise(optimizer, mode, elementwise)  # master_dtype: check_options
         self.mode = mode
         # Step bucket by bucket in forward order, launching each bucket's sync
         # as soon as its shard is stepped: the first blocks' parameters are on

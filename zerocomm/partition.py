@@ -345,6 +345,25 @@ def _block_list(blocks, what: str) -> list[nn.Module]:
     return list(blocks)
 
 
+def check_plan_options(*, mode: object, partition: object, bucket_mb: object, align_bytes: object,
+                       world_size: object = 1) -> None:
+    """The one check of the plan's options (attach runs it before anything
+    else; build_plan again for direct callers)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(map(repr, MODES))}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown partition {partition!r}: expected one of {', '.join(map(repr, PARTITIONS))}")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
+        raise TypeError(f"bucket_mb must be a number of MiB, got {type(bucket_mb).__name__}")
+    if not (0 < float(bucket_mb) <= 4096):  # also rejects NaN
+        raise ValueError(f"bucket_mb must be in (0, 4096] MiB, got {bucket_mb}")
+    if (isinstance(align_bytes, bool) or not isinstance(align_bytes, int) or align_bytes < 1
+            or align_bytes & (align_bytes - 1)):
+        raise ValueError(f"align_bytes must be a power of two >= 1, got {align_bytes!r}")
+
+
 def chunk_prefix(c: int, n_chunks: int) -> str:
     """The one naming rule for models given as several chunks (pipeline
     stages): names inside chunk c are prefixed "chunk{c}."."""
@@ -417,16 +436,8 @@ def build_plan(
     (build one plan for dense and one for expert parameters to sync them over
     different groups). Tied parameters are recorded once, in the first block using them.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(map(repr, MODES))}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}: expected one of {', '.join(map(repr, PARTITIONS))}")
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if not bucket_mb > 0:  # also rejects NaN
-        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
-    if not isinstance(align_bytes, int) or align_bytes < 1 or align_bytes & (align_bytes - 1):
-        raise ValueError(f"align_bytes must be a power of two >= 1, got {align_bytes!r}")
+    check_plan_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
+                       world_size=world_size)
     chunk_list = _as_chunks(chunks)
     raw = _discover(chunk_list, blocks)
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import __version__
-from .partition import build_plan, chunk_prefix
+from .partition import build_plan, check_plan_options, chunk_prefix
 
 SYNCABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -87,23 +87,13 @@ def check_model(chunks: list[nn.Module], optimizer: torch.optim.Optimizer | None
 def check_options(
     *, mode: str, partition: str, bucket_mb: object, align_bytes: object, timeout: object,
     transport: object, expert_filter: object, optimizer: torch.optim.Optimizer | None,
-    optimizer_options: dict,
+    optimizer_options: dict, optimizer_option_names: frozenset[str] = frozenset(),
 ) -> None:
-    """Arguments alone, before the model or any process group is looked at."""
-    from .partition import MODES, PARTITIONS
+    """Arguments alone, before the model or any process group is looked at.
+    `optimizer_option_names`: the options the sharded optimizer takes."""
     from .transport import SimulatedTransport
 
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}: choose one of {', '.join(PARTITIONS)}")
-    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
-        raise TypeError(f"bucket_mb must be a number of MiB, got {type(bucket_mb).__name__}")
-    if not (0 < float(bucket_mb) <= 4096):  # also rejects NaN
-        raise ValueError(f"bucket_mb must be in (0, 4096] MiB, got {bucket_mb}")
-    if (isinstance(align_bytes, bool) or not isinstance(align_bytes, int) or align_bytes < 1
-            or align_bytes & (align_bytes - 1)):
-        raise ValueError(f"align_bytes must be a power of two >= 1, got {align_bytes!r}")
+    check_plan_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
@@ -115,27 +105,26 @@ def check_options(
         if optimizer_options:
             raise TypeError(f"unexpected options without an optimizer: {sorted(optimizer_options)}")
         return
-    import inspect
-
-    from .optimizer import ZeroOptimizer
-
-    # whatever ZeroOptimizer takes by name besides the sync options
-    allowed = {n for n, p in inspect.signature(ZeroOptimizer.__init__).parameters.items()
-               if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    unknown = sorted(set(optimizer_options) - allowed)
+    unknown = sorted(set(optimizer_options) - optimizer_option_names)
     if unknown:
-        raise TypeError(f"unexpected attach options {unknown}: expected any of {sorted(allowed)}")
+        raise TypeError(f"unexpected attach options {unknown}: expected any of {sorted(optimizer_option_names)}")
     master = optimizer_options.get("master_dtype")
     if master is not None and not (isinstance(master, torch.dtype) and master.is_floating_point):
         raise TypeError(f"master_dtype must be a floating dtype, got {master}")
     check_elementwise(optimizer, mode, optimizer_options.get("elementwise"))
 
 
+# Optimizers whose update of an element depends only on that element's own
+# gradient and state: safe to step on arbitrary slices (allgather mode).
+ELEMENTWISE = frozenset({
+    "SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
+    "RMSprop", "ASGD", "Rprop", "Lion",
+})
+
+
 def check_elementwise(optimizer: torch.optim.Optimizer, mode: str, elementwise: bool | None) -> bool:
     """Whether the optimizer's update is element-wise (`elementwise`
     overrides the list); allgather mode steps slices and needs one."""
-    from .optimizer import ELEMENTWISE
-
     name = type(optimizer).__name__
     is_elementwise = name in ELEMENTWISE if elementwise is None else bool(elementwise)
     if mode == "allgather" and not is_elementwise:
