@@ -406,7 +406,7 @@ def measure_copy() -> float:
 def tinygpt_allgather_prediction(args: argparse.Namespace, world: int, cal: dict) -> dict:
     """The scale model applied to the overlap benchmark's TinyGPT (fp32, its real plan)."""
     from zerocomm.models import TinyGPT
-    from zerocomm.partition import build_plan
+    from zerocomm.plan import build_plan
 
     model = TinyGPT(vocab=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads, seq=args.seq)
     plan = build_plan(model, mode="allgather", world_size=world, bucket_mb=args.cpu_bucket_mb)

@@ -47,18 +47,14 @@ def _delta(grank: int, rnd: int, i: int, start: int, n: int, dtype: torch.dtype)
 def _pieces(plan, lo_hi_of) -> list[tuple[int, int, int]]:
     """(plan param index, start, numel) of every piece a group rank owns.
     `lo_hi_of(bucket)` gives that rank's shard (allgather) or None (broadcast)."""
-    from zerocomm.param_sync import owned_pieces
-
     out = []
     for b in plan.buckets:
         rng = lo_hi_of(b)
         if rng is None:
             continue
-        lo, hi = rng
-        for i, start, at in owned_pieces(b, plan, lo, hi):
-            n = min(plan.params[i].numel - start, hi - at)
-            assert n > 0
-            out.append((i, start, n))
+        for pc in plan.pieces(b, *rng):
+            assert pc.numel > 0
+            out.append((pc.index, pc.start, pc.numel))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for zerocomm.partition (pure Python, CPU, fast)."""
+"""Unit tests for zerocomm.blocks, zerocomm.partition and zerocomm.plan (pure Python, CPU, fast)."""
 import itertools
 import random
 
@@ -7,13 +7,9 @@ import torch
 from torch import nn
 
 from zerocomm.models import GPT2Like, LlamaLike, TinyGPT, is_expert_param
-from zerocomm.partition import (
-    Plan,
-    balanced_partition,
-    build_plan,
-    discover_blocks,
-    greedy_partition,
-)
+from zerocomm.blocks import discover_blocks
+from zerocomm.partition import balanced_partition, greedy_partition
+from zerocomm.plan import Plan, build_plan
 
 
 def names(chunks, blocks=None):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 from .optimizer_state import local_positions
-from .partition import chunk_prefix
+from .blocks import chunk_prefix
 
 if TYPE_CHECKING:
     from .shards import ShardedOptimizer

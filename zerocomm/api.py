@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .optimizer import ZeroOptimizer
-from .param_sync import ParamSync
+from .param_sync import ParamSync, plan_units
 from .transport import SimulatedTransport, group_timeout_s, resolve_group
 from .validate import check_model, check_options, check_plan_consistent, plan_fingerprint
 
@@ -59,20 +59,17 @@ def attach(
                 raise ValueError(
                     "this model already has a zerocomm handle attached: call close() on it first"
                 )
-        fingerprint = plan_fingerprint(
-            chunks, mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
-            blocks=blocks, expert_filter=expert_filter,
-            optimizer=type(optimizer).__name__ if optimizer is not None else "none")
+        units = plan_units(chunks, mode=mode, group=group, expert_group=expert_group,
+                           expert_filter=expert_filter, transport=transport, partition=partition,
+                           bucket_mb=bucket_mb, align_bytes=align_bytes, blocks=blocks)
+        fingerprint = plan_fingerprint([(u.name, u.plan) for u in units],
+                                       optimizer=type(optimizer).__name__ if optimizer is not None else "none")
     except Exception as e:  # raised below, after the peers have heard of it
         error = e
     check_plan_consistent(fingerprint, error, group=group)
     timeout_s = float(timeout) if timeout is not None else group_timeout_s(group)
-    common = dict(
-        mode=mode, group=group, expert_group=expert_group, expert_filter=expert_filter,
-        blocks=blocks, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
-        transport=transport, timeout_s=timeout_s, high_priority=high_priority,
-        zero_copy=zero_copy, device=device,
-    )
+    common = dict(mode=mode, units=units, transport=transport, timeout_s=timeout_s,
+                  high_priority=high_priority, zero_copy=zero_copy, device=device)
     if optimizer is None:
         handle = ParamSync(chunks, copy_in_params=True, **common)
     else:

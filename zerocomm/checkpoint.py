@@ -35,7 +35,7 @@ from ._ckpt_fs import OLD_SUFFIX, CheckpointError, Paths
 from ._ckpt_read import (
     Opened, SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader, check_unchanged, open_checkpoint,
 )
-from .partition import chunk_prefix
+from .blocks import chunk_prefix
 from ._ckpt_state import (
     EXTRA, FORMAT, GROUPS, MASTER, META, MODEL, STEP, by_param, check_compatible, dcp_group,
     load_sharded_state_dict, sharded_state_dict,

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from . import guards
 from .optimizer_state import consolidated_state_dict, load_consolidated_state_dict
-from .param_sync import ParamSync, SyncUnit, owned_pieces
-from .partition import Plan
+from .param_sync import ParamSync, SyncUnit
+from .plan import Plan
 from .shards import ShardPiece
 from .validate import all_params, check_elementwise
 
@@ -197,12 +197,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # all-gather leaves it in place); otherwise an fp32 copy.
             master = flat_shard if want == b.dtype else flat_shard.detach().to(want).clone()
             masters.append(master)
-            for i, start, at in owned_pieces(b, plan, lo, hi):
-                p = plan.params[i].param
-                n = min(p.numel() - start, hi - at)
-                piece = nn.Parameter(master.narrow(0, at - lo, n))  # shares storage
-                self._locals.append(LocalParam(piece, self._index[id(p)], start, n, self._group_of[id(p)],
-                                               (ui, b.index)))
+            for pc in plan.pieces(b, lo, hi):
+                p = plan.params[pc.index].param
+                piece = nn.Parameter(master.narrow(0, pc.at - lo, pc.numel))  # shares storage
+                self._locals.append(LocalParam(piece, self._index[id(p)], pc.start, pc.numel,
+                                               self._group_of[id(p)], (ui, b.index)))
         self._masters.append(masters)
 
     def _build_local_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -338,10 +337,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 master = self._masters[ui][b.index]
                 if shard.dtype != master.dtype:
                     shard = shard.to(master.dtype)
-                for i, _start, at in owned_pieces(b, plan, lo, hi):
+                for pc in plan.pieces(b, lo, hi):
                     lp = self._locals[k]
                     k += 1
-                    lp.tensor.grad = shard.narrow(0, at - lo, lp.numel) if has_grad[i] else None
+                    lp.tensor.grad = shard.narrow(0, pc.at - lo, lp.numel) if has_grad[pc.index] else None
 
     def _local_grads(self) -> list[torch.Tensor]:
         return [lp.tensor.grad for lp in self._locals if lp.tensor.grad is not None]
@@ -392,7 +391,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         u = self.units[ui]
         if u.plan.mode == "broadcast":
             return sum(len(b.params) for b in u.plan.buckets if b.owner == u.rank)
-        return sum(len(owned_pieces(b, u.plan, *u.shard_range(b))) for b in u.plan.buckets)
+        return sum(len(u.plan.pieces(b, *u.shard_range(b))) for b in u.plan.buckets)
 
     # -- optimizer interface ----------------------------------------------
     @property

@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,7 @@ import torch.nn as nn
 from . import telemetry
 from ._ext import _C
 from .hooks import BlockHooks, Wait
-from .partition import Bucket, Plan, build_plan
+from .plan import Bucket, Plan, build_plan
 from .transport import SimulatedTransport, Transport, open_transport
 
 ALL_GATHER = -1  # scheduler root code for an in-place all-gather
@@ -29,6 +29,34 @@ _OPEN_HANDLES: "weakref.WeakSet[ParamSync]" = weakref.WeakSet()
 def _close_open_handles() -> None:
     for handle in list(_OPEN_HANDLES):
         handle.close()
+
+
+class PlannedUnit(NamedTuple):
+    """A plan and the group it syncs over, before any transport exists."""
+
+    name: str  # "dense" or "expert"
+    group: dist.ProcessGroup
+    plan: Plan
+
+
+def plan_units(
+    chunks: list[nn.Module], *, mode: str, group: dist.ProcessGroup, expert_group: dist.ProcessGroup | None,
+    expert_filter: Callable[[str, nn.Parameter], bool] | None, transport: str | SimulatedTransport,
+    partition: str, bucket_mb: float, align_bytes: int, blocks: object,
+) -> list[PlannedUnit]:
+    """The plans of one attach, built once: the dense plan, and the expert
+    plan (its own group) when `expert_filter` picks expert parameters.
+    Collective-free, so attach fingerprints them before any collective."""
+    specs = [("dense", group, None if expert_filter is None else (lambda n, p: not expert_filter(n, p)))]
+    if expert_filter is not None:
+        specs.append(("expert", expert_group if expert_group is not None else group, expert_filter))
+    out = []
+    for name, grp, pfilter in specs:
+        world = 1 if isinstance(transport, SimulatedTransport) else dist.get_world_size(grp)
+        plan = build_plan(chunks, mode=mode, world_size=world, partition=partition, bucket_mb=bucket_mb,
+                          align_bytes=align_bytes, blocks=blocks, param_filter=pfilter)
+        out.append(PlannedUnit(name, grp, plan))
+    return out
 
 
 @dataclass
@@ -53,19 +81,14 @@ class SyncUnit:
 
     def shard_range(self, b: Bucket) -> tuple[int, int]:
         """[start, end) of this rank's slice of an allgather bucket."""
-        return self.rank * b.shard_numel, (self.rank + 1) * b.shard_numel
+        return b.shard_range(self.rank)
 
 
 def owned_pieces(b: Bucket, plan: Plan, lo: int, hi: int) -> list[tuple[int, int, int]]:
     """(param index, start inside the param, start inside the flat buffer) of
-    every piece of a parameter that falls into [lo, hi) of bucket `b`."""
-    pieces = []
-    for i, off in zip(b.params, b.offsets):
-        n = plan.params[i].numel
-        a, e = max(off, lo), min(off + n, hi)
-        if a < e:
-            pieces.append((i, a - off, a))
-    return pieces
+    every piece of a parameter that falls into [lo, hi) of bucket `b`
+    (kept for custom loops; `plan.pieces` also gives each piece's length)."""
+    return [(pc.index, pc.start, pc.at) for pc in plan.pieces(b, lo, hi)]
 
 
 def _piece(p: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -100,11 +123,9 @@ def build_unit(
         else:
             root = ALL_GATHER
             if copy_in_params and not zero_copy:
-                lo, hi = rank * b.shard_numel, (rank + 1) * b.shard_numel
-                for i, start, at in owned_pieces(b, plan, lo, hi):
-                    n = min(plan.params[i].numel - start, hi - at)
-                    copy_in.append(_piece(plan.params[i].param, start, n))
-                    in_offsets.append(at)
+                for pc in plan.pieces(b, *b.shard_range(rank)):
+                    copy_in.append(_piece(plan.params[pc.index].param, pc.start, pc.numel))
+                    in_offsets.append(pc.at)
             copy_out = [p.detach() for p in params]
         if zero_copy:
             # Parameters become views of the flat buffer: no copy-in/out.
@@ -216,13 +237,7 @@ class ParamSync:
         chunks: list[nn.Module],
         *,
         mode: str,
-        group: dist.ProcessGroup,
-        expert_group: dist.ProcessGroup | None,
-        expert_filter: Callable[[str, nn.Parameter], bool] | None,
-        blocks: object,
-        partition: str,
-        bucket_mb: float,
-        align_bytes: int,
+        units: list[PlannedUnit],
         transport: str | SimulatedTransport,
         timeout_s: float,
         high_priority: bool,
@@ -237,15 +252,9 @@ class ParamSync:
         self._closed = False
         self._launched = False
         self._first_calls: list[nn.Module] = []
-        specs = [("dense", group, None if expert_filter is None else (lambda n, p: not expert_filter(n, p)))]
-        if expert_filter is not None:
-            specs.append(("expert", expert_group if expert_group is not None else group, expert_filter))
-        for name, grp, pfilter in specs:
+        for name, grp, plan in units:  # planned once, by attach (see plan_units)
             t = open_transport(grp, device, transport, timeout_s, high_priority)
-            plan = build_plan(
-                chunks, mode=mode, world_size=t.world_size, partition=partition,
-                bucket_mb=bucket_mb, align_bytes=align_bytes, blocks=blocks, param_filter=pfilter,
-            )
+            assert t.world_size == plan.world_size, (name, t.world_size, plan.world_size)
             unit = build_unit(name, plan, t, device, zero_copy, copy_in_params)
             unit.group = grp
             self.units.append(unit)

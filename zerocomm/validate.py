@@ -3,14 +3,14 @@ bad input raises a clear error, and ranks whose models differ fail together
 instead of hanging in mismatched collectives."""
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from . import __version__
-from .partition import build_plan, check_plan_options, chunk_prefix
+from .blocks import chunk_prefix
+from .plan import Plan, check_plan_options
 
 SYNCABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -136,23 +136,21 @@ def check_elementwise(optimizer: torch.optim.Optimizer, mode: str, elementwise: 
     return is_elementwise
 
 
-def plan_fingerprint(
-    chunks: list[nn.Module], *, mode: str, partition: str, bucket_mb: float,
-    blocks: object, expert_filter: Callable | None, align_bytes: int = 16,
-    optimizer: str = "none",
-) -> list[tuple]:
-    """What every rank must agree on, as comparable rows."""
-    plan = build_plan(chunks, mode=mode, world_size=1, partition=partition,
-                      bucket_mb=bucket_mb, align_bytes=align_bytes, blocks=blocks)
-    rows: list[tuple] = [("config", f"mode={mode} partition={partition} bucket_mb={bucket_mb} "
-                          f"align_bytes={align_bytes} optimizer={optimizer} "
-                          f"experts={expert_filter is not None} zerocomm={__version__}")]
-    for b in plan.blocks:
-        rows.append(("block", b.name))
-        for i in b.params:
-            s = plan.params[i]
-            expert = bool(expert_filter(s.name, s.param)) if expert_filter else False
-            rows.append(("param", f"{s.name} {tuple(s.shape)} {s.dtype}" + (" expert" if expert else "")))
+def plan_fingerprint(plans: list[tuple[str, Plan]], *, optimizer: str = "none") -> list[tuple]:
+    """What every rank must agree on, as comparable rows: the options and
+    every (name, plan) attach built."""
+    first = plans[0][1]
+    rows: list[tuple] = [("config", f"mode={first.mode} partition={first.partition} "
+                          f"bucket_mb={first.bucket_mb} align_bytes={first.align_bytes} optimizer={optimizer} "
+                          f"experts={len(plans) > 1} zerocomm={__version__}")]
+    for name, plan in plans:
+        if name != plans[0][0]:  # the first (dense) plan's rows start right after the config
+            rows.append(("plan", f"{name} over {plan.world_size} ranks"))
+        for b in plan.blocks:
+            rows.append(("block", b.name))
+            for i in b.params:
+                s = plan.params[i]
+                rows.append(("param", f"{s.name} {tuple(s.shape)} {s.dtype}"))
     return rows
 
 

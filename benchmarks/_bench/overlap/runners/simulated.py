@@ -55,7 +55,7 @@ def measure_forward(ctx: Ctx, layers: int | None = None, reps: int = 8) -> float
 
 def modelled_sync(ctx: Ctx, mode: str, bw_gbps: float, layers: int | None = None) -> dict[str, Any]:
     """What SimulatedCommunicator will charge for one step's param sync of `mode`."""
-    from zerocomm.partition import build_plan
+    from zerocomm.plan import build_plan
 
     a = ctx.args
     model = ctx.make_model(layers)
