@@ -18,24 +18,9 @@ from . import guards
 from .optimizer_state import consolidated_state_dict, load_consolidated_state_dict
 from .param_sync import ParamSync, SyncUnit
 from .plan import Plan
+from .shard_buffers import LocalParam, ShardBuffers
 from .shards import ShardPiece
 from .validate import all_params, check_elementwise
-
-REDUCE_SCATTER = -1  # scheduler root code
-
-
-@dataclass
-class LocalParam:
-    """One tensor the local optimizer steps, and where it comes from."""
-
-    tensor: torch.Tensor  # what the local optimizer sees (a Parameter)
-    index: int  # index of the model parameter in the user's optimizer order
-    start: int  # element offset inside that parameter (allgather pieces)
-    numel: int
-    group: int  # the user's param group
-    bucket: tuple[int, int] = (0, 0)  # (unit, bucket) it belongs to
-    user_grad: torch.Tensor | None = None  # model param's own grad, while borrowed
-
 
 @dataclass
 class GradState:
@@ -110,20 +95,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._sync_grads = True
         self._grads_ready = False
         self._grads_bound = False
-        self._locals: list[LocalParam] = []
-        self._grad_flats: list[list[torch.Tensor]] = []
-        self._grad_shards: list[list[torch.Tensor | None]] = []
-        self._masters: list[list[torch.Tensor | None]] = []  # allgather: master shard per bucket
-        self._grad_states: list[GradState] = []
-        self._hooks = []
-        for ui, u in enumerate(self.units):
-            self._build_grad_buckets(ui, u)
-            self._build_local_params(ui, u)
+        self._hooks: list[Any] = []
+        self.buffers = ShardBuffers(self.units, self._index, self._group_of, master_dtype, self.device)
+        self._locals: list[LocalParam] = self.buffers.locals()
+        self._grad_states = [self._arm_grad_hooks(ui, u) for ui, u in enumerate(self.units)]
         self.optim = self._build_local_optimizer(optimizer)
         self._pieces = tuple(ShardPiece(lp.index, lp.start, lp.numel, lp.group, lp.tensor) for lp in self._locals)
-        self._bucket_locals: dict[tuple[int, int], list[LocalParam]] = {}
-        for lp in self._locals:
-            self._bucket_locals.setdefault(lp.bucket, []).append(lp)
         self.defaults = self.optim.defaults
         # model.load_state_dict after attach: wait for the sync first (it
         # writes the parameters), then take the loaded values into the
@@ -146,63 +123,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{name}.zero_grad"
 
     # -- construction -----------------------------------------------------
-    def _build_grad_buckets(self, ui: int, u: SyncUnit) -> None:
-        plan, flats, shards = u.plan, [], []
-        for b in plan.buckets:
-            flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=self.device)
-            if plan.mode == "broadcast":
-                root, shard = b.owner, None
-            else:
-                root, shard = REDUCE_SCATTER, torch.zeros(b.shard_numel, dtype=b.dtype, device=self.device)
-            numels = [plan.params[i].numel for i in b.params]
-            no_shard = torch.empty(0, dtype=b.dtype, device=self.device)
-            u.sched.add_grad_bucket(flat, no_shard if shard is None else shard, list(b.offsets),
-                                    numels, root, f"grad:{u.name}:{b.index}")
-            flats.append(flat)
-            shards.append(shard)
-        self._grad_flats.append(flats)
-        self._grad_shards.append(shards)
+    def _arm_grad_hooks(self, ui: int, u: SyncUnit) -> GradState:
         # Backward produces grads roughly in reverse forward order; the order
         # is fixed so every rank issues the reductions identically.
+        plan = u.plan
         st = GradState(order=list(reversed(range(len(plan.buckets)))),
                        pending=[len(b.params) for b in plan.buckets])
         for b in plan.buckets:
             for i in b.params:
-                st.bucket_of[id(plan.params[i].param)] = b.index
                 p = plan.params[i].param
-                hook = self._make_grad_hook(ui, plan.params[i].name)
-                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
-        self._grad_states.append(st)
-
-    def _build_local_params(self, ui: int, u: SyncUnit) -> None:
-        plan = u.plan
-        masters: list[torch.Tensor | None] = []
-        for b in plan.buckets:
-            if plan.mode == "broadcast":
-                masters.append(None)
-                if b.owner != u.rank:
-                    continue
-                for i in b.params:
-                    p = plan.params[i].param
-                    t = p
-                    if self.master_dtype is not None and p.dtype != self.master_dtype:
-                        t = nn.Parameter(p.detach().to(self.master_dtype).clone())
-                    self._locals.append(LocalParam(t, self._index[id(p)], 0, p.numel(), self._group_of[id(p)],
-                                                   (ui, b.index)))
-                continue
-            lo, hi = u.shard_range(b)
-            flat_shard = u.flats[b.index].narrow(0, lo, b.shard_numel)
-            want = self.master_dtype or b.dtype
-            # Same dtype: the flat buffer's own slice IS the master (the
-            # all-gather leaves it in place); otherwise an fp32 copy.
-            master = flat_shard if want == b.dtype else flat_shard.detach().to(want).clone()
-            masters.append(master)
-            for pc in plan.pieces(b, lo, hi):
-                p = plan.params[pc.index].param
-                piece = nn.Parameter(master.narrow(0, pc.at - lo, pc.numel))  # shares storage
-                self._locals.append(LocalParam(piece, self._index[id(p)], pc.start, pc.numel,
-                                               self._group_of[id(p)], (ui, b.index)))
-        self._masters.append(masters)
+                st.bucket_of[id(p)] = b.index
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(ui, plan.params[i].name)))
+        return st
 
     def _build_local_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         groups = []
@@ -270,7 +202,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         local = [[s.param.grad is not None for s in u.plan.params] for u in self.units]
         if self._ddp is not None:
             for ui in range(len(self.units)):
-                self._take_ddp_grads(ui)
+                self.buffers.take_local_grads(ui)
             self._has_grad = local  # DDP's all-reduce already made them agree
             return
         for ui, u in enumerate(self.units):
@@ -280,24 +212,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 u.sched.wait_grad(b)
         self._has_grad = [pres.agree(flags) for pres, flags in zip(self._presence, local)]
         self._grad_watch.check()
-
-    def _take_ddp_grads(self, ui: int) -> None:
-        """[Note: DDP-wrapped models] DDP has averaged p.grad over the same
-        ranks: copy this rank's part into the reduced-gradient buffers, with
-        no collective of zerocomm's own (read after backward, so any clipping
-        of model parameters' grads is part of it)."""
-        u = self.units[ui]
-        for b in u.plan.buckets:
-            if u.plan.mode == "broadcast" and b.owner != u.rank:
-                continue
-            flat = self._grad_flats[ui][b.index]
-            for i, off in zip(b.params, b.offsets):
-                p = u.plan.params[i].param
-                dst = flat.narrow(0, off, p.numel())
-                dst.copy_(p.grad.detach().view(-1)) if p.grad is not None else dst.zero_()
-            shard = self._grad_shards[ui][b.index]
-            if shard is not None:
-                shard.copy_(flat.narrow(0, u.shard_range(b)[0], b.shard_numel))
 
     def _note_ddp(self, module: nn.Module, args: object) -> None:
         ddp = guards.active_ddp(module)
@@ -311,36 +225,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._grads_bound:
             return
         self._grads_bound = True
-        k = 0
         assert self._has_grad is not None  # set by _finish_grads
-        for ui, u in enumerate(self.units):
-            plan = u.plan
-            has_grad = self._has_grad[ui]
-            for b in plan.buckets:
-                if plan.mode == "broadcast":
-                    if b.owner != u.rank:
-                        continue
-                    flat = self._grad_flats[ui][b.index]
-                    for i, off in zip(b.params, b.offsets):
-                        lp = self._locals[k]
-                        k += 1
-                        g = flat.narrow(0, off, lp.numel).view(plan.params[i].shape)
-                        if lp.tensor is plan.params[i].param and lp.user_grad is None:
-                            lp.user_grad = lp.tensor.grad  # handed back after the step
-                        if not has_grad[i]:
-                            lp.tensor.grad = None  # torch skips it: no rank has a gradient
-                        else:
-                            lp.tensor.grad = g if g.dtype == lp.tensor.dtype else g.to(lp.tensor.dtype)
-                    continue
-                lo, hi = u.shard_range(b)
-                shard = self._grad_shards[ui][b.index]
-                master = self._masters[ui][b.index]
-                if shard.dtype != master.dtype:
-                    shard = shard.to(master.dtype)
-                for pc in plan.pieces(b, lo, hi):
-                    lp = self._locals[k]
-                    k += 1
-                    lp.tensor.grad = shard.narrow(0, pc.at - lo, lp.numel) if has_grad[pc.index] else None
+        self.buffers.bind_grads(self._has_grad)
 
     def _local_grads(self) -> list[torch.Tensor]:
         return [lp.tensor.grad for lp in self._locals if lp.tensor.grad is not None]
@@ -363,7 +249,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         norm_type = float(norm_type)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for ui, u in enumerate(self.units):
-            grads = [lp.tensor.grad for lp in self._unit_locals(ui) if lp.tensor.grad is not None]
+            grads = [lp.tensor.grad for lp in self.buffers.locals(ui) if lp.tensor.grad is not None]
             if norm_type == math.inf:
                 part = max((g.detach().abs().max().float() for g in grads if g.numel()),
                            default=torch.zeros((), device=self.device))
@@ -382,16 +268,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for g in self._local_grads():
             g.mul_(coef.to(g.dtype))
         return total_norm
-
-    def _unit_locals(self, ui: int) -> list[LocalParam]:
-        start = sum(self._unit_local_count(j) for j in range(ui))
-        return self._locals[start:start + self._unit_local_count(ui)]
-
-    def _unit_local_count(self, ui: int) -> int:
-        u = self.units[ui]
-        if u.plan.mode == "broadcast":
-            return sum(len(b.params) for b in u.plan.buckets if b.owner == u.rank)
-        return sum(len(u.plan.pieces(b, *u.shard_range(b))) for b in u.plan.buckets)
 
     # -- optimizer interface ----------------------------------------------
     @property
@@ -436,7 +312,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.optim.step()
             for ui, u in enumerate(self.units):
                 for b in range(len(u.plan.buckets)):
-                    self._write_back(ui, b)
+                    self.buffers.write_back(ui, b)
             self.sync.launch()
         self._reset_grad_state()
         self._record_versions()
@@ -462,7 +338,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, ui: int, b: int) -> None:
         """Step only the local tensors of bucket (ui, b), then write back."""
-        lps = self._bucket_locals.get((ui, b))
+        lps = self.buffers.buckets[ui][b].locals
         if lps:
             keep = {id(lp.tensor) for lp in lps}
             saved = [g["params"] for g in self.optim.param_groups]
@@ -473,26 +349,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             finally:
                 for g, params in zip(self.optim.param_groups, saved):
                     g["params"] = params
-        self._write_back(ui, b)
-
-    def _write_back(self, ui: int, b: int) -> None:
-        """Owned masters of bucket b -> what the sync moves (working params /
-        the flat shard)."""
-        u = self.units[ui]
-        bucket = u.plan.buckets[b]
-        if u.plan.mode == "broadcast":
-            if bucket.owner != u.rank:
-                return
-            for lp, i in zip(self._bucket_locals.get((ui, b), []), bucket.params):
-                p = u.plan.params[i].param
-                if lp.tensor is not p:
-                    p.detach().copy_(lp.tensor)
-            return
-        lo, _ = u.shard_range(bucket)
-        master = self._masters[ui][b]
-        flat_shard = u.flats[b].narrow(0, lo, bucket.shard_numel)
-        if master.data_ptr() != flat_shard.data_ptr():
-            flat_shard.copy_(master)
+        self.buffers.write_back(ui, b)
 
     def _reset_grad_state(self) -> None:
         """Unbind the reduction buffers from the local tensors (a model
@@ -504,8 +361,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             st.fired.clear()
         self._grad_watch.clear()
         self._has_grad = None
-        for lp in self._locals:
-            lp.tensor.grad, lp.user_grad = lp.user_grad, None
+        self.buffers.unbind_grads()
         self._grads_ready = False
         self._grads_bound = False
 
@@ -587,9 +443,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes of zerocomm's own buffers on this rank: parameter flats,
         gradient flats and gradient shards."""
         flats = sum(f.numel() * f.element_size() for u in self.units for f in u.flats)
-        flats += sum(f.numel() * f.element_size() for fl in self._grad_flats for f in fl)
-        shards = sum(f.numel() * f.element_size() for fl in self._grad_shards for f in fl if f is not None)
-        return flats + shards
+        return flats + self.buffers.nbytes()
 
     def close(self) -> None:
         for h in self._hooks:
