@@ -54,7 +54,7 @@ def _pieces(plan, lo_hi_of) -> list[tuple[int, int, int]]:
             continue
         for pc in plan.pieces(b, *rng):
             assert pc.numel > 0
-            out.append((pc.index, pc.start, pc.numel))
+            out.append((pc.param, pc.start, pc.numel))
     return out
 
 

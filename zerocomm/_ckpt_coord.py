@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
@@ -113,7 +113,8 @@ def coordination(group: dist.ProcessGroup | None, timeout: float | None, what: s
         raise CheckpointError(f"{what}: could not set up its process group within {seconds:g} s: "
                               f"{describe(e)}") from e
     try:
-        yield Coordinator(own, dist.get_rank(own), dist.get_world_size(own), seconds, what)
+        pg = cast(dist.ProcessGroup, own)
+        yield Coordinator(pg, dist.get_rank(pg), dist.get_world_size(pg), seconds, what)
     finally:
         try:
             dist.destroy_process_group(own)

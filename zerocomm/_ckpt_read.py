@@ -68,9 +68,9 @@ class SafeReader(dcp.FileSystemReader):
                 raise CheckpointError(f"refusing {file}: {e}") from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{file} does not hold torch.distributed.checkpoint Metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
 

@@ -45,10 +45,9 @@ STATE, MASTER, MODEL = "optim.state.", "optim.master.", "model."
 def _piece(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
     """`t` (1-D, this rank's elements [start, start + numel) of a tensor of
     `total` elements) tagged so DCP treats it as one chunk of that tensor."""
-    t.global_shape = (total,)
-    t.global_offsets = ((start,),)
-    t.local_offsets = ((0,),)
-    t.local_sizes = ((t.numel(),),)
+    for attr, value in (("global_shape", (total,)), ("global_offsets", ((start,),)),
+                        ("local_offsets", ((0,),)), ("local_sizes", ((t.numel(),),))):
+        setattr(t, attr, value)  # what DCP reads off a tensor that is one chunk of a larger one
     return t
 
 
@@ -225,7 +224,7 @@ def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any,
             if m.properties.dtype != t.dtype:
                 raise ValueError(f"parameter {name!r} is {m.properties.dtype} in the checkpoint but {t.dtype} "
                                  "in the model: convert the model (model.to(dtype)) before loading")
-    got, want = meta.get("param_names"), _group_names(zopt)
+    got, want = meta.get("param_names") or [], _group_names(zopt)
     if got != want:
         flat_got = [n for g in got for n in g] if isinstance(got, list) else []
         diff = _names_diff(flat_got, [n for g in want for n in g])

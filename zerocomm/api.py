@@ -2,7 +2,7 @@
 with an optimizer, the sharded optimizer around it."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ def attach(
     timeout: float | None = None,
     high_priority: bool = False,
     zero_copy: bool = False,
-    **optimizer_options: object,
+    **optimizer_options: Any,
 ) -> ParamSync | ZeroOptimizer:
     """Shard `optimizer` (ZeRO-1) over `group` and overlap the parameter sync
     with the next forward pass. Without an optimizer, return the bare
@@ -41,7 +41,8 @@ def attach(
     mode: "broadcast" (any optimizer; whole parameters owned per rank) or
     "allgather" (element-wise optimizers; every bucket split evenly).
     """
-    chunks = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
+    chunks: list[nn.Module] = (list(model) if isinstance(model, (list, tuple, nn.ModuleList))
+                               else [cast(nn.Module, model)])
     group = resolve_group(group)  # not initialised: there are no peers to tell
     # Every check runs before zerocomm's own collectives. The one exchange
     # below shares each rank's verdict, so a check that fails on one rank
@@ -68,14 +69,19 @@ def attach(
         error = e
     check_plan_consistent(fingerprint, error, group=group)
     timeout_s = float(timeout) if timeout is not None else group_timeout_s(group)
-    common = dict(mode=mode, units=units, transport=transport, timeout_s=timeout_s,
-                  high_priority=high_priority, zero_copy=zero_copy, device=device)
+    handle: ParamSync | ZeroOptimizer
     if optimizer is None:
-        handle = ParamSync(chunks, copy_in_params=True, **common)
+        handle = ParamSync(chunks, mode=mode, units=units, transport=transport, timeout_s=timeout_s,
+                           high_priority=high_priority, zero_copy=zero_copy, device=device,
+                           copy_in_params=True)
+        sync = handle
     else:
-        handle = ZeroOptimizer(chunks, optimizer, **common, **optimizer_options)
+        handle = ZeroOptimizer(chunks, optimizer, mode=mode, units=units, transport=transport,
+                               timeout_s=timeout_s, high_priority=high_priority, zero_copy=zero_copy,
+                               device=device, **optimizer_options)
+        sync = handle.sync
     for c in chunks:
         setattr(c, _ATTACHED, handle)
     # closing the ParamSync (directly or through ZeroOptimizer.close) unmarks the model
-    getattr(handle, "sync", handle)._detach_from = chunks
+    sync.attached_to = chunks
     return handle

@@ -82,10 +82,10 @@ def _user_blocks(chunks: list[nn.Module], prefixes: list[str], blocks: BlocksArg
                 per_chunk[c].append(m)
     else:
         for k, m in enumerate(_block_list(blocks, "blocks")):
-            c = next((c for c in range(len(chunks)) if id(m) in qualnames[c]), None)
-            if c is None:
+            found = next((c for c in range(len(chunks)) if id(m) in qualnames[c]), None)
+            if found is None:
                 raise ValueError(f"blocks[{k}] (a {type(m).__name__}) is not inside the model")
-            per_chunk[c].append(m)
+            per_chunk[found].append(m)
 
     out: list[RawBlock] = []
     seen: set[int] = set()

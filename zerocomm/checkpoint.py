@@ -33,13 +33,28 @@ from . import _ckpt_fs as fs
 from ._ckpt_coord import DEFAULT_TIMEOUT_S, Coordinator, as_exception, coordination
 from ._ckpt_fs import OLD_SUFFIX, CheckpointError, Paths
 from ._ckpt_read import (
-    Opened, SafeEmptyLoadPlanner, SafeLoadPlanner, SafeReader, check_unchanged, open_checkpoint,
+    Opened,
+    SafeEmptyLoadPlanner,
+    SafeLoadPlanner,
+    SafeReader,
+    check_unchanged,
+    open_checkpoint,
+)
+from ._ckpt_state import (
+    EXTRA,
+    FORMAT,
+    GROUPS,
+    MASTER,
+    META,
+    MODEL,
+    STEP,
+    by_param,
+    check_compatible,
+    dcp_group,
+    load_sharded_state_dict,
+    sharded_state_dict,
 )
 from .blocks import chunk_prefix
-from ._ckpt_state import (
-    EXTRA, FORMAT, GROUPS, MASTER, META, MODEL, STEP, by_param, check_compatible, dcp_group,
-    load_sharded_state_dict, sharded_state_dict,
-)
 
 if TYPE_CHECKING:
     from .shards import ShardedOptimizer
@@ -91,6 +106,7 @@ def _save(path: str | os.PathLike, zopt: "ShardedOptimizer", co: Coordinator, st
     tmp: str | None = None
     try:
         if co.rank == 0:
+            assert token is not None
             lock, tmp = fs.begin_save(paths, token)
     except Exception as e:
         err = e
@@ -204,7 +220,8 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
     meta = opened.entries.get("meta")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a zerocomm checkpoint (meta format {FORMAT})")
-    model = {k[len(MODEL):]: v for k, v in sd.items() if k.startswith(MODEL)}
+    whole = {k[len(MODEL):]: v for k, v in sd.items() if k.startswith(MODEL)}
+    model: dict[str, Any] | list[dict[str, Any]] = whole
     saved = by_param(sd)
     state: dict[int, dict[str, Any]] = {}
     groups, idx = [], 0
@@ -220,7 +237,7 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
     n = meta.get("n_chunks", 1)
     if n > 1:
         prefixes = [chunk_prefix(c, n) for c in range(n)]
-        model = [{k[len(pre):]: v for k, v in model.items() if k.startswith(pre)} for pre in prefixes]
+        model = [{k[len(pre):]: v for k, v in whole.items() if k.startswith(pre)} for pre in prefixes]
     out: dict[str, Any] = {
         "model": model,
         "optimizer": {"state": state, "param_groups": groups},

@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,8 +72,8 @@ class GradPresence:
     gloo backend (host memory: no device sync on the CUDA path, and never the
     user's group, which may be busy with the user's own collectives)."""
 
-    def __init__(self, group: dist.ProcessGroup, world_size: int, timeout_s: float) -> None:
-        self.backend: dist.ProcessGroup | None = None
+    def __init__(self, group: dist.ProcessGroup | None, world_size: int, timeout_s: float) -> None:
+        self.backend: Any = None  # a ProcessGroupGloo backend
         if world_size > 1:
             rank = dist.get_rank(group)
             box = [f"zerocomm-presence/{uuid.uuid4().hex}" if rank == 0 else None]
@@ -110,7 +111,7 @@ def active_ddp(module: nn.Module) -> DistributedDataParallel | None:
     return ddp if inner is module or any(m is module for m in inner.modules()) else None
 
 
-def check_ddp(ddp: DistributedDataParallel, groups: list[dist.ProcessGroup], average_grads: bool) -> None:
+def check_ddp(ddp: DistributedDataParallel, groups: list[dist.ProcessGroup | None], average_grads: bool) -> None:
     """zerocomm uses DDP's all-reduced gradients as its reduced gradients:
     only valid when DDP averages over exactly zerocomm's groups."""
     if not average_grads:

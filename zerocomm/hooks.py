@@ -7,12 +7,12 @@ bucket's completion flag. Nothing here calls `Work.wait()`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-Wait = tuple[object, int]  # (SyncScheduler, param bucket id)
+Wait = tuple[Any, int]  # (SyncScheduler, param bucket id)
 
 
 @dataclass
@@ -26,7 +26,7 @@ class BlockHooks:
     roots: dict[nn.Module, set[Wait]]
     on_first_call: Callable[[nn.Module], None] | None = None
     armed: bool = False
-    tracer: object | None = None  # telemetry.Tracer when enabled
+    tracer: Any = None  # telemetry.Tracer when enabled
     _pending: set[Wait] = field(default_factory=set)
     _handles: list[RemovableHandle] = field(default_factory=list)
 

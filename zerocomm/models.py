@@ -7,6 +7,8 @@ and leaves the global RNG untouched, so every rank builds identical weights.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +21,7 @@ def is_expert_param(name: str, param: nn.Parameter | None = None) -> bool:
 
 class _LMMixin:
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(idx)
+        logits = cast(nn.Module, self)(idx)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 

@@ -114,12 +114,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._record_versions()
         # torch.optim.Optimizer bookkeeping (hooks used by LR schedulers and
         # profilers); the state itself lives in self.optim.
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{name}.zero_grad"
 
     # -- construction -----------------------------------------------------
@@ -278,7 +278,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def param_groups(self, value: list[dict]) -> None:
         raise AttributeError("param_groups of a ZeroOptimizer are its local optimizer's")
 
-    @property
+    @property  # type: ignore[override]
     def state(self) -> dict:
         return self.optim.state
 
@@ -287,7 +287,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         raise AttributeError("state of a ZeroOptimizer is its local optimizer's")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Wait for the reduced gradients, step this rank's shard, and launch
         the parameter sync (the next forward waits per block)."""
         loss = None

@@ -88,7 +88,7 @@ def owned_pieces(b: Bucket, plan: Plan, lo: int, hi: int) -> list[tuple[int, int
     """(param index, start inside the param, start inside the flat buffer) of
     every piece of a parameter that falls into [lo, hi) of bucket `b`
     (kept for custom loops; `plan.pieces` also gives each piece's length)."""
-    return [(pc.index, pc.start, pc.at) for pc in plan.pieces(b, lo, hi)]
+    return [(pc.param, pc.start, pc.at) for pc in plan.pieces(b, lo, hi)]
 
 
 def _piece(p: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -124,7 +124,7 @@ def build_unit(
             root = ALL_GATHER
             if copy_in_params and not zero_copy:
                 for pc in plan.pieces(b, *b.shard_range(rank)):
-                    copy_in.append(_piece(plan.params[pc.index].param, pc.start, pc.numel))
+                    copy_in.append(_piece(plan.params[pc.param].param, pc.start, pc.numel))
                     in_offsets.append(pc.at)
             copy_out = [p.detach() for p in params]
         if zero_copy:
@@ -252,6 +252,7 @@ class ParamSync:
         self._closed = False
         self._launched = False
         self._first_calls: list[nn.Module] = []
+        self.attached_to: list[nn.Module] = []  # models attach() marked with this handle
         for name, grp, plan in units:  # planned once, by attach (see plan_units)
             t = open_transport(grp, device, transport, timeout_s, high_priority)
             assert t.world_size == plan.world_size, (name, t.world_size, plan.world_size)
@@ -397,7 +398,7 @@ class ParamSync:
         for u in self.units:
             _release(u)
         self.units = []
-        for c in getattr(self, "_detach_from", []):
+        for c in self.attached_to:
             # attach() marks the model with what it returned: this ParamSync
             # or the ZeroOptimizer around it
             h = getattr(c, "_zerocomm_handle", None)

@@ -9,7 +9,7 @@ to agree without talking to each other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ _MIB = 1 << 20  # bucket_mb counts MiB, like DDP's bucket_cap_mb
 class Piece(NamedTuple):
     """A parameter's elements inside one slice of a bucket's flat buffer."""
 
-    index: int  # plan param index
+    param: int  # plan param index
     start: int  # first element inside the parameter
     at: int  # first element inside the flat buffer
     numel: int
@@ -36,7 +36,7 @@ class ParamSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     block: int  # index of the block that owns it: the first block that uses it
-    param: nn.Parameter = field(default=None, repr=False, compare=False)
+    param: nn.Parameter = field(default=cast(nn.Parameter, None), repr=False, compare=False)
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Plan:
             f"{len(self.params)} params ({self.total_numel:,} elements) in {len(self.blocks)} blocks, "
             f"{len(self.buckets)} buckets",
         ]
-        rows = [("block", "name", "numel", "ranks", "buckets")]
+        rows: list[tuple[str, ...]] = [("block", "name", "numel", "ranks", "buckets")]
         tied = False
         for b, blk in enumerate(self.blocks):
             owned = sum(self.params[i].numel for i in blk.params if self.params[i].block == b)
@@ -168,10 +168,9 @@ class Plan:
         if tied:
             lines.append("* also uses parameters owned by an earlier block (tied weights)")
         total = sum(self.rank_numel)
-        load_rows = [("rank", "load", "share")] + [
-            (str(r), f"{n:,}", f"{100.0 * n / total:.1f}%" if total else "-")
-            for r, n in enumerate(self.rank_numel)
-        ]
+        load_rows: list[tuple[str, ...]] = [("rank", "load", "share")]
+        load_rows += [(str(r), f"{n:,}", f"{100.0 * n / total:.1f}%" if total else "-")
+                      for r, n in enumerate(self.rank_numel)]
         lw = [max(len(r[k]) for r in load_rows) for k in range(3)]
         for r in load_rows:
             lines.append("  ".join(r[k].rjust(lw[k]) for k in range(3)))
@@ -285,9 +284,9 @@ def build_plan(
         fn = balanced_partition if partition == "balanced" else greedy_partition
         owner = fn(weights, world_size)
         cur_bytes = 0
-        for i, p in enumerate(params):
+        for i, spec in enumerate(params):
             # one launch per run of a rank's consecutive params of one dtype, up to the cap
-            if (groups and owner[groups[-1][-1]] == owner[i] and params[groups[-1][-1]].dtype == p.dtype
+            if (groups and owner[groups[-1][-1]] == owner[i] and params[groups[-1][-1]].dtype == spec.dtype
                     and cur_bytes + slot_bytes[i] <= cap):
                 groups[-1].append(i)
                 cur_bytes += slot_bytes[i]

@@ -80,10 +80,10 @@ class ShardBuffers:
         master = flat_shard if want == b.dtype else flat_shard.detach().to(want).clone()
         bb = BucketBuffers(flat, shard, master, lo)
         for pc in plan.pieces(b, lo, hi):
-            p = plan.params[pc.index].param
+            p = plan.params[pc.param].param
             piece = nn.Parameter(master.narrow(0, pc.at - lo, pc.numel))  # shares storage
             bb.locals.append(LocalParam(piece, index_of[id(p)], pc.start, pc.numel, group_of[id(p)],
-                                        pc.index, pc.at))
+                                        pc.param, pc.at))
         return bb
 
     # -- views --------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import torch.nn as nn
 
@@ -28,7 +29,7 @@ class Span:
 class Tracer:
     """Marks block forwards on the compute lane (hooks call it)."""
 
-    sched: object
+    sched: Any  # _C.SyncScheduler
     names: dict[nn.Module, str]
     _open: list[int] = field(default_factory=list)
 
@@ -40,7 +41,7 @@ class Tracer:
             self.sched.trace_end(self._open.pop())
 
 
-def collect(scheds: list[object]) -> list[Span]:
+def collect(scheds: list[Any]) -> list[Span]:
     spans = [Span(*row) for s in scheds for row in s.trace()]
     return sorted(spans, key=lambda s: s.start)
 

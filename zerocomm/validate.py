@@ -3,6 +3,8 @@ bad input raises a clear error, and ranks whose models differ fail together
 instead of hanging in mismatched collectives."""
 from __future__ import annotations
 
+from typing import Any
+
 
 import torch
 import torch.distributed as dist
@@ -191,7 +193,7 @@ def check_plan_consistent(mine: list[tuple] | None, error: BaseException | None,
             raise error
         return
     verdict = (None if error is None else f"{type(error).__name__}: {error}", mine)
-    everyone: list[tuple | None] = [None] * world
+    everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, verdict, group=group)
     if error is not None:
         raise error
