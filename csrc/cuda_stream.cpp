@@ -23,7 +23,12 @@ class CudaEvent final : public Event {
       : event_(timing ? cudaEventDefault : cudaEventDisableTiming) {
     event_.record(stream);
   }
-  bool query() override { return event_.query(); }
+  bool query() override {
+    // Also called from the watchdog thread: make the event's device current
+    // there, or the runtime would create a context on device 0 for it.
+    const c10::cuda::CUDAGuard guard(event_.device_index());
+    return event_.query();
+  }
   void synchronize(Millis timeout, const std::string& what) override {
     // Poll instead of cudaEventSynchronize so a stalled peer becomes an
     // error after `timeout` instead of a hang.

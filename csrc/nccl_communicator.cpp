@@ -6,6 +6,7 @@
 #include <nccl.h>
 
 #include <cstring>
+#include <chrono>
 #include <mutex>
 
 #include "communicator.h"
@@ -52,7 +53,8 @@ class NcclCommunicator final : public Communicator {
     ZC_NCCL_CHECK(ncclCommInitRank(&comm_, size, uid, rank));
   }
   ~NcclCommunicator() override {
-    std::lock_guard<std::mutex> lock(mu_);
+    const c10::cuda::CUDAGuard guard(device_);
+    std::lock_guard<std::timed_mutex> lock(mu_);
     if (comm_ != nullptr) ncclCommDestroy(comm_);  // no throw from a destructor
     comm_ = nullptr;
   }
@@ -62,7 +64,7 @@ class NcclCommunicator final : public Communicator {
   std::string name() const override { return "nccl"; }
 
   void broadcast(at::Tensor& t, int root) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(),
                                 to_nccl(t.scalar_type()), root,
                                 live("broadcast"), stream()));
@@ -71,27 +73,27 @@ class NcclCommunicator final : public Communicator {
     // In place: NCCL allows sendbuff == recvbuff + rank * count.
     const int64_t count = flat.numel() / size_;
     char* base = static_cast<char*>(flat.data_ptr());
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclAllGather(base + rank_ * count * flat.element_size(),
                                 base, count, to_nccl(flat.scalar_type()),
                                 live("all_gather"), stream()));
   }
   void reduce(at::Tensor& t, int root, bool average) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclReduce(t.data_ptr(), t.data_ptr(), t.numel(),
                              to_nccl(t.scalar_type()), op(average), root,
                              live("reduce"), stream()));
   }
   void reduce_scatter(at::Tensor& flat, at::Tensor& shard,
                       bool average) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclReduceScatter(flat.data_ptr(), shard.data_ptr(),
                                     shard.numel(), to_nccl(flat.scalar_type()),
                                     op(average), live("reduce_scatter"),
                                     stream()));
   }
   void all_reduce(at::Tensor& t, bool average) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(),
                                 to_nccl(t.scalar_type()), op(average),
                                 live("all_reduce"), stream()));
@@ -109,7 +111,9 @@ class NcclCommunicator final : public Communicator {
   void check_async_error() override {
     ncclResult_t async = ncclSuccess;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      // The watchdog thread calls this: its current device must be ours.
+      const c10::cuda::CUDAGuard guard(device_);
+      std::lock_guard<std::timed_mutex> lock(mu_);
       ZC_NCCL_CHECK(ncclCommGetAsyncError(live("check_error"), &async));
     }
     if (async != ncclSuccess && async != ncclInProgress) {
@@ -121,9 +125,18 @@ class NcclCommunicator final : public Communicator {
   void abort_transport() override {
     // Ends the kernels of in-flight collectives on every stream, then frees
     // the communicator.
-    std::lock_guard<std::mutex> lock(mu_);
-    if (comm_ != nullptr) ncclCommAbort(comm_);
+    const c10::cuda::CUDAGuard guard(device_);
+    // A collective holds mu_ only while it enqueues. One that blocks inside
+    // NCCL (a connection to a dead peer) is what ncclCommAbort exists to
+    // unblock, so after a grace period abort without the lock.
+    std::unique_lock<std::timed_mutex> lock(mu_, std::defer_lock);
+    if (!lock.try_lock_for(std::chrono::seconds(2))) {
+      TORCH_WARN("zerocomm: aborting the NCCL communicator while a call into "
+                 "NCCL is still blocked");
+    }
+    ncclComm_t comm = comm_;
     comm_ = nullptr;
+    if (comm != nullptr) ncclCommAbort(comm);
   }
 
  private:
@@ -138,7 +151,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream() const {
     return at::cuda::getCurrentCUDAStream(device_).stream();
   }
-  std::mutex mu_;
+  std::timed_mutex mu_;
   ncclComm_t comm_ = nullptr;
   int rank_, size_, device_;
 };

@@ -2,7 +2,6 @@
 
 #include <c10/util/Exception.h>
 
-
 namespace zerocomm {
 
 SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
@@ -34,7 +33,8 @@ SyncScheduler::~SyncScheduler() {
   watchdog_.reset();
   // Outstanding collectives finish (or time out) before buffers go away.
   try {
-    if (last_ && !aborted_) last_->synchronize(timeout_, "close");
+    if (last_ && !aborted_ && !comm_->aborted())
+      last_->synchronize(timeout_, "close");
   } catch (...) {
     comm_->abort();
   }
