@@ -148,7 +148,7 @@ if [[ $DRY -eq 1 ]]; then
   grep -qE "test_gpu.py::test_adamw_matrix\[" "$OUT/collect.log" \
     || { echo "collect FAILED: test_gpu.py matrix not collected" >> "$STATUS"; FAILED=1; }
   stage cpu_error_paths 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_watchdog.py \
-    -k "abort or c10d or two_ranks or group_timeout or debug_delay or without_any_host_wait" || true
+    -k "abort or c10d or two_ranks or group_timeout or without_any_host_wait" || true
   echo "total $(( $(date +%s) - T0 ))s (dry run)" >> "$STATUS"
   cat "$STATUS"
   exit $FAILED
