@@ -252,3 +252,37 @@ def test_group_timeout_reads_a_pure_nccl_group(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     expected = dist.distributed_c10d._get_default_timeout("nccl").total_seconds()
     assert group_timeout_s(Opaque()) == expected
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_native_threads_are_joined() -> None:
+    """Each scheduler owns two native threads (CPU worker, watchdog); both
+    are gone once it is destroyed, healthy or aborted."""
+    import gc
+
+    from zerocomm._ext import _C
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    def make(i: int) -> "_C.SyncScheduler":
+        s = _C.SyncScheduler(_C.make_stream(-1), _C.simulated_communicator(0.0, 10.0, 8), 5000)
+        s.add_param_bucket(torch.zeros(16), [], [], [], [], 0, f"b{i}")
+        s.launch([0])
+        return s
+
+    warm = make(-1)  # lets torch start its own lazily created pools first
+    warm.host_synchronize()
+    del warm
+    before = threads()
+    scheds = []
+    for i in range(10):
+        s = make(i)
+        if i % 2:
+            s.abort()
+        scheds.append(s)
+    assert threads() >= before + 20
+    del s
+    scheds.clear()
+    gc.collect()
+    assert threads() <= before, f"{threads() - before} native threads left running"
