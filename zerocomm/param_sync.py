@@ -129,10 +129,12 @@ class _Closed:
 
 def _drain(u: SyncUnit, attempts: int = 3) -> None:
     """After a failure, wait (GIL released) until the comm worker has left
-    the collective it may still be blocked in. After abort() every wait it
-    can be in (c10d work, simulated hold, debug delay) ends at once, so this
-    normally returns at the first attempt ("aborted"); each attempt is
-    bounded by the timeout, and the worker, poisoned, skips what follows."""
+    the collective it may still be blocked in. After abort() the waits it
+    can be in end at once (c10d works, simulated hold, debug delay) -- except
+    gloo's reduce-scatter, which runs inside Work::wait and ends at the
+    private backend's timeout -- so this normally returns at the first
+    attempt; each attempt is bounded by the timeout, and the worker,
+    poisoned, skips what follows."""
     for _ in range(attempts):
         try:
             u.sched.host_synchronize()
