@@ -217,8 +217,19 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
   // on the caller's compute stream (CPU: this thread), not later on the comm
   // stream: from here on the reduction reads only zerocomm's own buffer, so
   // whatever edits p.grad afterwards (clip_grad_norm_, GradScaler, another
-  // all-reduce) cannot race with it. The previous step's use of `flat` was
-  // ordered before this stream by wait_grad.
+  // all-reduce) cannot race with it. The previous reduction's use of `flat`
+  // is ordered before the copy here: normally wait_grad did that already,
+  // but after a backward whose step never came (refused, or an exception in
+  // the loop) nobody waited, and the copy would overwrite a buffer the comm
+  // stream is still reducing. CUDA: a GPU-side wait; CPU: usually done.
+  if (b->done) {
+    try {
+      b->done->block_current(timeout_, "the previous reduction of bucket " +
+                                           b->label);
+    } catch (...) {
+      rethrow_cause();
+    }
+  }
   flatten(grads, b->in_layout, b->flat);
   stream_->wait(stream_->record_current(), timeout_, "backward");
   auto comm = comm_;
