@@ -1,6 +1,8 @@
 # Entry points. On a fresh machine:
 #   make demo   set up .venv (pinned requirements + zerocomm built), train the demo on 2 ranks
 #   make test   same setup, then the C++ unit tests (ctest) and the pytest suite
+#   make gpu-check  on a GPU machine: build + the GPU acceptance suite, results
+#               in benchmarks/results/gpu/ (benchmarks/gpu_suite.sh)
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
@@ -18,7 +20,7 @@ export CUDA_HOME
 # keeps the generator it was made with.
 CMAKE_GENERATOR_ARG = $(if $(wildcard $(BUILD_DIR)/CMakeCache.txt),,$(if $(wildcard $(VENV)/bin/ninja),-G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja,))
 
-.PHONY: setup build demo ctest test clean
+.PHONY: setup build demo ctest test gpu-check gpu-check-dry-run clean
 
 # The virtual environment with the pinned requirements (torch==2.14.1 comes
 # from the machine's local package cache) and zerocomm._C built against it.
@@ -47,6 +49,15 @@ ctest: setup
 
 test: ctest
 	$(PYTHON) -m pytest -q
+
+# One GPU, <= 10 minutes on an H100 including the build (in place, CUDA
+# required). Uses $(PYTHON) when it exists, else python3.
+gpu-check:
+	ZEROCOMM_PY=$(if $(wildcard $(PYTHON)),$(abspath $(PYTHON)),python3) benchmarks/gpu_suite.sh
+
+# The suite's CPU check (structure, collection, CPU error paths): CI runs it.
+gpu-check-dry-run: setup
+	ZEROCOMM_PY=$(abspath $(PYTHON)) benchmarks/gpu_suite.sh --dry-run
 
 clean:
 	rm -rf $(BUILD_DIR) build *.egg-info .pytest_cache

@@ -57,6 +57,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
     } catch (const c10::IndexError& e) {
       PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+    } catch (const c10::OutOfMemoryError& e) {
+      // torch.OutOfMemoryError, so callers can catch it as from torch itself.
+      // Looked up once and kept for the life of the process (never released:
+      // exceptions can be translated during interpreter shutdown).
+      static PyObject* oom =
+          py::object(py::module_::import("torch").attr("OutOfMemoryError"))
+              .release()
+              .ptr();
+      PyErr_SetString(oom, e.what_without_backtrace());
     } catch (const c10::Error& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
@@ -106,7 +115,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
-      .def_property_readonly("name", &Communicator::name);
+      .def_property_readonly("name", &Communicator::name)
+      .def_property_readonly("aborted", &Communicator::aborted)
+      .def("check_error", &Communicator::check_error,
+           py::call_guard<py::gil_scoped_release>())
+      .def("abort", &Communicator::abort,
+           py::call_guard<py::gil_scoped_release>());
   m.def("c10d_communicator", &make_c10d_communicator, py::arg("group"),
         py::arg("timeout_ms"));
   m.def("simulated_communicator", &make_simulated_communicator,
@@ -124,7 +138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<S, std::shared_ptr<S>>(m, "SyncScheduler")
       .def(py::init<std::shared_ptr<Stream>, std::shared_ptr<Communicator>,
                     int64_t>(),
-           py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"))
+           py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"), nogil)
       .def("add_param_bucket", &S::add_param_bucket, py::arg("flat"),
            py::arg("copy_in"), py::arg("in_offsets"), py::arg("copy_out"),
            py::arg("out_offsets"), py::arg("root"), py::arg("label"))
@@ -140,6 +154,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("host_synchronize", &S::host_synchronize, nogil)
       .def("check", &S::check, nogil)
       .def("abort", &S::abort, nogil)
+      .def_property_readonly("aborted", &S::aborted)
       .def("set_tracing", &S::set_tracing, nogil)
       .def("trace_begin", &S::trace_begin, nogil)
       .def("trace_end", &S::trace_end, nogil)

@@ -1,3 +1,5 @@
+// The Communicator base (abort flag, abortable holds) and the two CPU-side
+// communicators: any c10d backend (gloo) and the simulated transport.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <chrono>
@@ -6,6 +8,78 @@
 #include "communicator.h"
 
 namespace zerocomm {
+
+AbortFlag::~AbortFlag() {
+  // The pinned flag is deliberately never freed: a spin kernel may still
+  // poll it, and cudaFreeHost would synchronize the device, which hangs
+  // behind a stuck NCCL kernel. Setting it ends any spin still running.
+  if (host_flag_ != nullptr) *host_flag_ = 1;
+}
+
+bool AbortFlag::set() {
+  bool first;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    first = !set_.exchange(true);
+    if (host_flag_ != nullptr) *host_flag_ = 1;
+  }
+  cv_.notify_all();
+  return first;
+}
+
+bool AbortFlag::sleep_for(double seconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::duration<double>(seconds));
+  std::unique_lock<std::mutex> lock(mu_);
+  return !cv_.wait_until(lock, deadline, [this] { return is_set(); });
+}
+
+void AbortFlag::notify() {
+  { std::lock_guard<std::mutex> lock(mu_); }  // no lost wake-up
+  cv_.notify_all();
+}
+
+#ifdef ZEROCOMM_WITH_CUDA
+volatile int* AbortFlag::device_flag() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (host_flag_ == nullptr) {
+    host_flag_ = alloc_spin_flag();
+    if (is_set()) *host_flag_ = 1;
+  }
+  return host_flag_;
+}
+#endif
+
+void Communicator::throw_if_aborted(const char* op) const {
+  TORCH_CHECK(!flag_->is_set(), "zerocomm: ", op, " on the ", name(),
+              " communicator after it was aborted (a sync failed or timed "
+              "out); close() this handle and attach again");
+}
+
+void Communicator::check_error() {
+  throw_if_aborted("check_error");
+  check_async_error();
+}
+
+void Communicator::abort() {
+  if (flag_->set()) abort_transport();
+}
+
+void Communicator::hold(double seconds, bool cuda) {
+  throw_if_aborted("a hold of the comm stream");
+  if (seconds <= 0) return;
+#ifdef ZEROCOMM_WITH_CUDA
+  if (cuda) {
+    spin_current_stream(seconds, flag_->device_flag());
+    return;
+  }
+#endif
+  TORCH_CHECK(!cuda, "zerocomm was built without CUDA");
+  TORCH_CHECK(flag_->sleep_for(seconds), "zerocomm: the ", name(),
+              " communicator was aborted while it held the comm stream");
+}
+
 namespace {
 
 class C10dCommunicator final : public Communicator {
@@ -19,18 +93,21 @@ class C10dCommunicator final : public Communicator {
   std::string name() const override { return pg_->getBackendName(); }
 
   void broadcast(at::Tensor& t, int root) override {
+    throw_if_aborted("broadcast");
     std::vector<at::Tensor> v{t};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     wait(pg_->broadcast(v, opts), "broadcast");
   }
   void all_gather(at::Tensor& flat) override {
+    throw_if_aborted("all_gather");
     // gloo copies input into output slot by slot; a private copy of the
     // shard keeps the input from aliasing the output it is gathered into.
     auto shard = flat.chunk(size())[rank()].clone();
     wait(pg_->all_gather_single(flat, shard), "all_gather");
   }
   void reduce(at::Tensor& t, int root, bool average) override {
+    throw_if_aborted("reduce");
     std::vector<at::Tensor> v{t};
     c10d::ReduceOptions opts;
     opts.rootRank = root;
@@ -39,20 +116,53 @@ class C10dCommunicator final : public Communicator {
   }
   void reduce_scatter(at::Tensor& flat, at::Tensor& shard,
                       bool average) override {
+    throw_if_aborted("reduce_scatter");
     wait(pg_->reduce_scatter_single(shard, flat), "reduce_scatter");
     if (average) shard.div_(size());
   }
   void all_reduce(at::Tensor& t, bool average) override {
+    throw_if_aborted("all_reduce");
     std::vector<at::Tensor> v{t};
     wait(pg_->allreduce(v), "all_reduce");
     if (average) t.div_(size());
   }
 
+ protected:
+  void abort_transport() override {
+    pg_->abort();  // a no-op for gloo today; the flag ends our own waits
+  }
+
  private:
+  // Waits for `work` on the flag's condition variable instead of inside
+  // Work::wait, so abort() (the watchdog, close()) ends the wait now.
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* op) {
-    const bool ok = work->wait(timeout_);
-    TORCH_CHECK(ok, "zerocomm: ", op, " on the ", name(), " group timed out "
-                "after ", timeout_.count(), " ms");
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    try {
+      // The callback may outlive this call and this communicator (after an
+      // abort): it holds only shared state.
+      work->getFuture()->addCallback(
+          [done, flag = flag_](c10::ivalue::Future&) {
+            done->store(true);
+            flag->notify();
+          });
+    } catch (const c10::Error&) {
+      // No future: gloo's reduce-scatter runs inside Work::wait itself
+      // (nothing happens before it is called), so that wait cannot be
+      // interrupted; it is bounded by the timeout, which is also the
+      // private gloo backend's own.
+      const bool ok = work->wait(timeout_);
+      TORCH_CHECK(ok, "zerocomm: ", op, " on the ", name(),
+                  " group timed out after ", timeout_.count(), " ms");
+      return;
+    }
+    while (!flag_->wait_until(deadline, [&] { return done->load(); })) {
+      throw_if_aborted(op);
+      TORCH_CHECK(std::chrono::steady_clock::now() < deadline, "zerocomm: ",
+                  op, " on the ", name(), " group timed out after ",
+                  timeout_.count(), " ms");
+    }
+    work->wait();  // complete: rethrows the backend's error, if any
   }
   c10::intrusive_ptr<c10d::Backend> pg_;
   std::chrono::milliseconds timeout_;
@@ -78,6 +188,7 @@ class SimulatedCommunicator final : public Communicator {
   void all_gather(at::Tensor& flat) override { occupy(flat, ring()); }
   void reduce(at::Tensor& t, int, bool) override { occupy(t, 1.0); }
   void reduce_scatter(at::Tensor& flat, at::Tensor& shard, bool) override {
+    throw_if_aborted("reduce_scatter");
     if (!shard.is_same(flat)) shard.copy_(flat.narrow(0, 0, shard.numel()));
     occupy(flat, ring());
   }
@@ -86,15 +197,8 @@ class SimulatedCommunicator final : public Communicator {
  private:
   double ring() const { return double(world_ - 1) / world_; }
   void occupy(const at::Tensor& t, double factor) {
-    const double seconds =
-        latency_s_ + factor * t.numel() * t.element_size() / bytes_per_s_;
-#ifdef ZEROCOMM_WITH_CUDA
-    if (t.is_cuda()) {
-      spin_current_stream(seconds);
-      return;
-    }
-#endif
-    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+    hold(latency_s_ + factor * t.numel() * t.element_size() / bytes_per_s_,
+         t.is_cuda());
   }
   double latency_s_, bytes_per_s_;
   int world_;

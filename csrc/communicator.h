@@ -5,7 +5,11 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -17,12 +21,48 @@ class Backend;
 
 namespace zerocomm {
 
+// Set once, by Communicator::abort(). Everything that may block the comm
+// stream for long (a host sleep, a spin kernel, a wait for a c10d work)
+// watches it, so an abort ends it now instead of after the modelled time or
+// the peer's timeout.
+class AbortFlag {
+ public:
+  AbortFlag() = default;
+  ~AbortFlag();
+  AbortFlag(const AbortFlag&) = delete;
+  AbortFlag& operator=(const AbortFlag&) = delete;
+  bool set();  // true for the call that set it
+  bool is_set() const { return set_.load(); }
+  // Host sleep; false when the flag was set before `seconds` passed.
+  bool sleep_for(double seconds);
+  // Blocks until `done()` is true, the flag is set or `deadline` passes;
+  // returns done(). `done` is re-checked after every notify().
+  template <class Pred>
+  bool wait_until(std::chrono::steady_clock::time_point deadline, Pred done) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_until(lock, deadline, [&] { return is_set() || done(); });
+    return done();
+  }
+  void notify();  // wakes wait_until to re-check its predicate
+#ifdef ZEROCOMM_WITH_CUDA
+  // A mapped pinned int the spin kernel polls (allocated on first use).
+  volatile int* device_flag();
+#endif
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> set_{false};
+  volatile int* host_flag_ = nullptr;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string name() const = 0;
+  // Every collective throws "aborted" once abort() was called.
   virtual void broadcast(at::Tensor& t, int root) = 0;
   // In place: this rank's shard is flat.chunk(size())[rank()].
   virtual void all_gather(at::Tensor& flat) = 0;
@@ -33,10 +73,29 @@ class Communicator {
   // Fuse the collectives issued in between into one launch (NCCL groups).
   virtual void group_start() {}
   virtual void group_end() {}
-  // Throws if the transport has failed asynchronously (NCCL async errors).
-  virtual void check_error() {}
-  // Tear down without waiting for peers (after an error or a timeout).
-  virtual void abort() {}
+  // One tiny collective right after init, from the thread that attached, so
+  // that connections are not set up lazily from the autograd thread (NCCL).
+  // Runs on the comm stream.
+  virtual void warm_up() {}
+  // Throws "aborted" after abort(), or the transport's asynchronous error
+  // (NCCL); thread-safe, called by the watchdog while collectives run.
+  void check_error();
+  // Tear down without waiting for peers: in-flight collectives, holds and
+  // spin kernels end now, and every later call throws. Thread-safe,
+  // idempotent.
+  void abort();
+  bool aborted() const { return flag_->is_set(); }
+  // Occupies the comm stream for `seconds` (debug delays, the simulated
+  // wire); ends early, with an "aborted" error, on abort(). CUDA: a spin
+  // kernel on the current stream; CPU: a sleep on this thread.
+  void hold(double seconds, bool cuda);
+
+ protected:
+  virtual void check_async_error() {}
+  virtual void abort_transport() {}
+  void throw_if_aborted(const char* op) const;
+  // Shared: a c10d work's completion callback may outlive the communicator.
+  std::shared_ptr<AbortFlag> flag_ = std::make_shared<AbortFlag>();
 };
 
 // gloo (or any c10d backend) through torch's C++ API; `timeout_ms` bounds
@@ -55,8 +114,10 @@ std::string nccl_unique_id();
 std::shared_ptr<Communicator> make_nccl_communicator(const std::string& id,
                                                      int rank, int size,
                                                      int device);
-// Spins the current CUDA stream for `seconds` (simulated transport).
-void spin_current_stream(double seconds);
+// Spins the current CUDA stream for `seconds` (simulated transport, debug
+// delays), or until `*abort` becomes non-zero.
+void spin_current_stream(double seconds, volatile int* abort);
+volatile int* alloc_spin_flag();
 #endif
 int nccl_version();  // 0 when built without CUDA
 

@@ -44,7 +44,10 @@ CpuStream::~CpuStream() {
     stop_ = true;
   }
   cv_.notify_all();
-  worker_.join();
+  // Destroyed from its own worker (a task dropped the last reference): a
+  // join would throw and terminate the process; the worker ends right after.
+  if (worker_.get_id() == std::this_thread::get_id()) worker_.detach();
+  else if (worker_.joinable()) worker_.join();
 }
 
 void CpuStream::push(Task task) {

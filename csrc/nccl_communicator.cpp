@@ -5,6 +5,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <nccl.h>
 
+#include <cstring>
+#include <chrono>
+#include <mutex>
+
 #include "communicator.h"
 
 namespace zerocomm {
@@ -32,6 +36,10 @@ ncclDataType_t to_nccl(at::ScalarType t) {
   }
 }
 
+// Thread safety: the watchdog calls check_error() and abort() while the
+// host thread issues collectives. `mu_` guards `comm_`; ncclCommAbort frees
+// the communicator, so it is nulled under the lock and every later use
+// throws "aborted" instead of touching freed memory.
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(const std::string& id, int rank, int size, int device)
@@ -45,9 +53,10 @@ class NcclCommunicator final : public Communicator {
     ZC_NCCL_CHECK(ncclCommInitRank(&comm_, size, uid, rank));
   }
   ~NcclCommunicator() override {
-    if (comm_ == nullptr) return;
-    if (aborted_) return;
-    ncclCommDestroy(comm_);  // no throw from a destructor
+    const c10::cuda::CUDAGuard guard(device_);
+    std::lock_guard<std::timed_mutex> lock(mu_);
+    if (comm_ != nullptr) ncclCommDestroy(comm_);  // no throw from a destructor
+    comm_ = nullptr;
   }
 
   int rank() const override { return rank_; }
@@ -55,60 +64,96 @@ class NcclCommunicator final : public Communicator {
   std::string name() const override { return "nccl"; }
 
   void broadcast(at::Tensor& t, int root) override {
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(),
-                                to_nccl(t.scalar_type()), root, comm_,
-                                stream()));
+                                to_nccl(t.scalar_type()), root,
+                                live("broadcast"), stream()));
   }
   void all_gather(at::Tensor& flat) override {
     // In place: NCCL allows sendbuff == recvbuff + rank * count.
     const int64_t count = flat.numel() / size_;
     char* base = static_cast<char*>(flat.data_ptr());
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclAllGather(base + rank_ * count * flat.element_size(),
                                 base, count, to_nccl(flat.scalar_type()),
-                                comm_, stream()));
+                                live("all_gather"), stream()));
   }
   void reduce(at::Tensor& t, int root, bool average) override {
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclReduce(t.data_ptr(), t.data_ptr(), t.numel(),
                              to_nccl(t.scalar_type()), op(average), root,
-                             comm_, stream()));
+                             live("reduce"), stream()));
   }
   void reduce_scatter(at::Tensor& flat, at::Tensor& shard,
                       bool average) override {
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclReduceScatter(flat.data_ptr(), shard.data_ptr(),
                                     shard.numel(), to_nccl(flat.scalar_type()),
-                                    op(average), comm_, stream()));
+                                    op(average), live("reduce_scatter"),
+                                    stream()));
   }
   void all_reduce(at::Tensor& t, bool average) override {
+    std::lock_guard<std::timed_mutex> lock(mu_);
     ZC_NCCL_CHECK(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(),
-                                to_nccl(t.scalar_type()), op(average), comm_,
-                                stream()));
+                                to_nccl(t.scalar_type()), op(average),
+                                live("all_reduce"), stream()));
   }
   void group_start() override { ZC_NCCL_CHECK(ncclGroupStart()); }
   void group_end() override { ZC_NCCL_CHECK(ncclGroupEnd()); }
-  void check_error() override {
+  void warm_up() override {
+    // Connects the ring now, on the comm stream, from the attaching thread.
+    auto t = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(
+                                at::Device(at::kCUDA, device_)));
+    all_reduce(t, false);
+  }
+
+ protected:
+  void check_async_error() override {
     ncclResult_t async = ncclSuccess;
-    ZC_NCCL_CHECK(ncclCommGetAsyncError(comm_, &async));
+    {
+      // The watchdog thread calls this: its current device must be ours.
+      const c10::cuda::CUDAGuard guard(device_);
+      std::lock_guard<std::timed_mutex> lock(mu_);
+      ZC_NCCL_CHECK(ncclCommGetAsyncError(live("check_error"), &async));
+    }
     if (async != ncclSuccess && async != ncclInProgress) {
       abort();
       TORCH_CHECK(false, "zerocomm: NCCL communicator failed: ",
                   ncclGetErrorString(async));
     }
   }
-  void abort() override {
-    if (comm_ != nullptr && !aborted_) {
-      ncclCommAbort(comm_);
-      aborted_ = true;
+  void abort_transport() override {
+    // Ends the kernels of in-flight collectives on every stream, then frees
+    // the communicator.
+    const c10::cuda::CUDAGuard guard(device_);
+    // A collective holds mu_ only while it enqueues. One that blocks inside
+    // NCCL (a connection to a dead peer) is what ncclCommAbort exists to
+    // unblock, so after a grace period abort without the lock.
+    std::unique_lock<std::timed_mutex> lock(mu_, std::defer_lock);
+    if (!lock.try_lock_for(std::chrono::seconds(2))) {
+      TORCH_WARN("zerocomm: aborting the NCCL communicator while a call into "
+                 "NCCL is still blocked");
     }
+    ncclComm_t comm = comm_;
+    comm_ = nullptr;
+    if (comm != nullptr) ncclCommAbort(comm);
   }
 
  private:
+  // The communicator, or an "aborted" error (caller holds mu_).
+  ncclComm_t live(const char* op) const {
+    throw_if_aborted(op);
+    TORCH_CHECK(comm_ != nullptr, "zerocomm: ", op,
+                " on the nccl communicator after it was aborted");
+    return comm_;
+  }
   ncclRedOp_t op(bool average) const { return average ? ncclAvg : ncclSum; }
   cudaStream_t stream() const {
     return at::cuda::getCurrentCUDAStream(device_).stream();
   }
+  std::timed_mutex mu_;
   ncclComm_t comm_ = nullptr;
   int rank_, size_, device_;
-  bool aborted_ = false;
 };
 
 }  // namespace

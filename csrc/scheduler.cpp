@@ -2,8 +2,6 @@
 
 #include <c10/util/Exception.h>
 
-#include <thread>
-
 namespace zerocomm {
 
 SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
@@ -12,15 +10,58 @@ SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
     : comm_(std::move(comm)), timeout_(timeout_ms), stream_(std::move(stream)) {
   TORCH_CHECK_VALUE(timeout_ms > 0, "timeout must be positive, got ",
                     timeout_ms, " ms");
+  TORCH_CHECK_VALUE(stream_ && comm_, "SyncScheduler needs a stream and a "
+                    "communicator");
+  watchdog_ = std::make_unique<Watchdog>(comm_, timeout_);
+  if (stream_->is_cuda()) {
+    // Connect now, from this thread, bounded by the timeout (see warm_up).
+    auto comm = comm_;
+    stream_->enqueue([comm] { comm->warm_up(); });
+    auto done = stream_->record();
+    watchdog_->track(done, "the communicator's warm-up");
+    try {
+      done->synchronize(timeout_, "the communicator's warm-up");
+    } catch (...) {
+      comm_->abort();
+      rethrow_cause();
+    }
+  }
 }
 
 SyncScheduler::~SyncScheduler() {
+  // The watchdog first: from here on only this thread touches the comm.
+  watchdog_.reset();
   // Outstanding collectives finish (or time out) before buffers go away.
   try {
-    if (last_ && !aborted_) last_->synchronize(timeout_, "close");
+    if (last_ && !aborted_ && !comm_->aborted())
+      last_->synchronize(timeout_, "close");
   } catch (...) {
     comm_->abort();
   }
+}
+
+void SyncScheduler::check_usable() {
+  if (watchdog_->failed()) {
+    aborted_ = true;
+    watchdog_->rethrow_if_failed();
+  }
+  TORCH_CHECK(!aborted_, "zerocomm: the communicator was aborted after an "
+              "error; close() this handle and attach again");
+  try {
+    comm_->check_error();
+  } catch (...) {
+    aborted_ = true;
+    throw;
+  }
+}
+
+void SyncScheduler::rethrow_cause() {
+  // Any failed wait ends this handle: the abort makes whatever the comm
+  // stream still runs return now, so close() and exit do not wait for it.
+  aborted_ = true;
+  comm_->abort();
+  watchdog_->rethrow_if_failed();
+  throw;
 }
 
 int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
@@ -89,6 +130,12 @@ std::shared_ptr<Event> SyncScheduler::enqueue_traced(
   stream_->enqueue([label, fn = std::move(fn)] {
     try {
       fn();
+    } catch (const c10::OutOfMemoryError& e) {
+      // Stays a torch.OutOfMemoryError in Python (CUDA: the fused copy's
+      // temporary tables come from the caching allocator).
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "zerocomm: sync of bucket ",
+                       label, " ran out of memory: ",
+                       e.what_without_backtrace());
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "zerocomm: sync of bucket ", label, " failed: ",
                   e.what_without_backtrace());
@@ -97,6 +144,7 @@ std::shared_ptr<Event> SyncScheduler::enqueue_traced(
     }
   });
   auto end = stream_->record();
+  watchdog_->track(end, "sync of bucket " + label);
   if (tracing_) spans_.push_back({"comm", label, begin, end});
   last_ = end;
   return end;
@@ -104,9 +152,7 @@ std::shared_ptr<Event> SyncScheduler::enqueue_traced(
 
 void SyncScheduler::launch(const std::vector<int64_t>& order) {
   std::lock_guard<std::mutex> lock(mu_);
-  TORCH_CHECK(!aborted_, "zerocomm: the communicator was aborted after an "
-              "error; close() this handle and attach again");
-  comm_->check_error();
+  check_usable();
   // Nothing below may touch parameters before the optimizer step that
   // produced them (and every forward/backward read before it) is done.
   stream_->wait(stream_->record_current(), timeout_, "the optimizer step");
@@ -117,8 +163,7 @@ void SyncScheduler::launch(const std::vector<int64_t>& order) {
     auto comm = comm_;
     const double delay = debug_delay_s_;
     b->done = enqueue_traced(b->label, [b, comm, delay] {
-      if (delay > 0)
-        std::this_thread::sleep_for(std::chrono::duration<double>(delay));
+      if (delay > 0) comm->hold(delay, b->flat.is_cuda());
       if (!b->copy_in.empty()) flatten(b->copy_in, b->in_layout, b->flat);
       if (b->root == kAllGather) comm->all_gather(b->flat);
       else comm->broadcast(b->flat, b->root);
@@ -130,12 +175,17 @@ void SyncScheduler::launch(const std::vector<int64_t>& order) {
 void SyncScheduler::wait_event(std::shared_ptr<Event> ev,
                                const std::string& what,
                                const std::string& trace_label) {
+  check_usable();
   if (!ev) return;
-  comm_->check_error();
   std::shared_ptr<Event> begin;
   const bool tracing = tracing_;
   if (tracing) begin = stream_->record_current();
-  ev->block_current(timeout_, what);
+  try {
+    // CUDA: a GPU-side wait; the watchdog bounds it. CPU: a host wait.
+    ev->block_current(timeout_, what);
+  } catch (...) {
+    rethrow_cause();
+  }
   if (tracing) {
     auto end = stream_->record_current();
     std::lock_guard<std::mutex> lock(mu_);
@@ -158,7 +208,7 @@ void SyncScheduler::wait_param(int64_t i) {
 void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
                                  bool average) {
   std::lock_guard<std::mutex> lock(mu_);
-  TORCH_CHECK(!aborted_, "zerocomm: the communicator was aborted");
+  check_usable();
   TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(grads_.size()),
                     "no gradient bucket ", i);
   auto b = grads_[i];
@@ -167,11 +217,19 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
   // on the caller's compute stream (CPU: this thread), not later on the comm
   // stream: from here on the reduction reads only zerocomm's own buffer, so
   // whatever edits p.grad afterwards (clip_grad_norm_, GradScaler, another
-  // all-reduce) cannot race with it. The previous step's use of `flat` was
-  // ordered before this stream by wait_grad -- unless that step was
-  // abandoned (an exception between backward and step), so wait for it here
-  // (a completed event: no cost).
-  if (b->done) b->done->block_current(timeout_, "the previous reduction of " + b->label);
+  // all-reduce) cannot race with it. The previous reduction's use of `flat`
+  // is ordered before the copy here: normally wait_grad did that already,
+  // but after a backward whose step never came (refused, or an exception in
+  // the loop) nobody waited, and the copy would overwrite a buffer the comm
+  // stream is still reducing. CUDA: a GPU-side wait; CPU: usually done.
+  if (b->done) {
+    try {
+      b->done->block_current(timeout_, "the previous reduction of bucket " +
+                                           b->label);
+    } catch (...) {
+      rethrow_cause();
+    }
+  }
   flatten(grads, b->in_layout, b->flat);
   stream_->wait(stream_->record_current(), timeout_, "backward");
   auto comm = comm_;
@@ -209,19 +267,23 @@ void SyncScheduler::host_synchronize() {
     std::lock_guard<std::mutex> lock(mu_);
     last = last_;
   }
-  comm_->check_error();
-  if (last) last->synchronize(timeout_, "all outstanding syncs");
-  comm_->check_error();
+  check_usable();
+  try {
+    if (last) last->synchronize(timeout_, "all outstanding syncs");
+  } catch (...) {
+    rethrow_cause();
+  }
+  check_usable();
 }
 
 void SyncScheduler::check() {
-  comm_->check_error();
+  check_usable();
   std::lock_guard<std::mutex> lock(mu_);
   if (last_) last_->query();  // rethrows a failed task's error
 }
 
 void SyncScheduler::abort() {
-  std::lock_guard<std::mutex> lock(mu_);
+  // No lock: abort() must get through while another thread holds mu_.
   aborted_ = true;
   comm_->abort();
 }
@@ -229,6 +291,7 @@ void SyncScheduler::abort() {
 void SyncScheduler::set_tracing(bool on) {
   std::lock_guard<std::mutex> lock(mu_);
   tracing_ = on;
+  stream_->set_timing(on);  // CUDA events time only while tracing
   if (on && !origin_) origin_ = stream_->record_current();
 }
 

@@ -4,12 +4,14 @@
 // per bucket: wait the compute stream -> copy-in -> reduce / reduce-scatter.
 #pragma once
 
+#include <atomic>
 #include <mutex>
 #include <tuple>
 
 #include "communicator.h"
 #include "flatten.h"
 #include "stream.h"
+#include "watchdog.h"
 
 namespace zerocomm {
 
@@ -68,6 +70,7 @@ class SyncScheduler {
   void check();
   // Abort the transport (after an error); later waits fail fast.
   void abort();
+  bool aborted() const { return aborted_.load(); }
 
   void set_tracing(bool on);
   int64_t trace_begin(std::string lane, std::string label);
@@ -76,8 +79,9 @@ class SyncScheduler {
   std::vector<TraceRow> trace();
   void clear_trace();
 
-  // Tests: every parameter-bucket task first sleeps this long (CPU worker),
-  // to make overlap and ordering observable.
+  // Tests: every parameter-bucket task first holds the comm stream this long
+  // (CPU: an abortable sleep on the worker; CUDA: the spin kernel on the
+  // comm stream), to make overlap and ordering observable.
   void set_debug_delay(double seconds) { debug_delay_s_ = seconds; }
   int64_t timeout_ms() const { return timeout_.count(); }
   std::string transport() const { return comm_->name(); }
@@ -90,6 +94,12 @@ class SyncScheduler {
   };
   void wait_event(std::shared_ptr<Event> ev, const std::string& what,
                   const std::string& trace_label);
+  // Raises the watchdog's error, "aborted", or the transport's error (and
+  // then marks this scheduler aborted): every entry point calls it first.
+  void check_usable();
+  // Rethrows the watchdog's error if it has one (the cause of an abort),
+  // else the exception being handled.
+  [[noreturn]] void rethrow_cause();
   std::shared_ptr<Event> enqueue_traced(const std::string& label,
                                         std::function<void()> fn);
 
@@ -99,13 +109,15 @@ class SyncScheduler {
   Millis timeout_;
   std::mutex mu_;
   bool tracing_ = false;
-  bool aborted_ = false;
+  std::atomic<bool> aborted_{false};
   double debug_delay_s_ = 0.0;
   std::shared_ptr<Event> origin_;
   std::vector<Span> spans_;
   // Declared last so it is destroyed first: the CPU worker drains its queue
   // while the buckets its tasks point to are still alive.
   std::shared_ptr<Stream> stream_;
+  // Stopped first of all, explicitly, in the destructor.
+  std::unique_ptr<Watchdog> watchdog_;
 };
 
 }  // namespace zerocomm

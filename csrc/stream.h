@@ -59,6 +59,9 @@ class Stream {
   // caching allocator's record_stream; CPU: the task's closure holds it).
   virtual void keep_alive(const at::Tensor& t) = 0;
   virtual bool is_cuda() const = 0;
+  // Whether events recorded from now on can be timed (elapsed_since). CUDA
+  // events without timing are cheaper; tracing turns it on.
+  virtual void set_timing(bool) {}
 };
 
 // A CPU completion flag. Completed by the worker, possibly with an error.

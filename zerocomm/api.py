@@ -49,6 +49,7 @@ def attach(
     # only fails all of them instead of leaving the others waiting.
     error: Exception | None = None
     fingerprint: list[tuple] | None = None
+    device: torch.device | None = None
     try:
         check_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
                       timeout=timeout, transport=transport, expert_filter=expert_filter,
@@ -67,7 +68,7 @@ def attach(
                                        optimizer=type(optimizer).__name__ if optimizer is not None else "none")
     except Exception as e:  # raised below, after the peers have heard of it
         error = e
-    check_plan_consistent(fingerprint, error, group=group)
+    check_plan_consistent(fingerprint, error, group=group, device=device)
     timeout_s = float(timeout) if timeout is not None else group_timeout_s(group)
     handle: ParamSync | ZeroOptimizer
     if optimizer is None:

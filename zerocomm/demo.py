@@ -80,7 +80,11 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         zopt.step()
         zopt.zero_grad()
         if cuda:
-            torch.cuda.synchronize()
+            # The compute stream only: a device-wide synchronize() would also
+            # wait for zerocomm's comm stream every step, so the next forward
+            # could never overlap the sync and "exposed" would be 0 by
+            # construction.
+            torch.cuda.current_stream().synchronize()
         times.append(time.perf_counter() - t0)
         first_loss = first_loss if first_loss is not None else loss.item()
         if bar is not None:

@@ -28,7 +28,10 @@ _OPEN_HANDLES: "weakref.WeakSet[ParamSync]" = weakref.WeakSet()
 @atexit.register
 def _close_open_handles() -> None:
     for handle in list(_OPEN_HANDLES):
-        handle.close()
+        try:
+            handle.close()  # joins the comm worker and the watchdog thread
+        except Exception:  # one handle's failure must not leave the others open
+            pass
 
 
 class PlannedUnit(NamedTuple):
@@ -173,8 +176,12 @@ class _Closed:
 
 def _drain(u: SyncUnit, attempts: int = 3) -> None:
     """After a failure, wait (GIL released) until the comm worker has left
-    the collective it may still be blocked in: each wait is bounded by the
-    timeout, and the worker, poisoned, skips everything after it."""
+    the collective it may still be blocked in. After abort() the waits it
+    can be in end at once (c10d works, simulated hold, debug delay) -- except
+    gloo's reduce-scatter, which runs inside Work::wait and ends at the
+    private backend's timeout -- so this normally returns at the first
+    attempt; each attempt is bounded by the timeout, and the worker,
+    poisoned, skips what follows."""
     for _ in range(attempts):
         try:
             u.sched.host_synchronize()

@@ -52,11 +52,21 @@ def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 
 
 def group_timeout_s(group: dist.ProcessGroup) -> float:
-    """The process group's own timeout, so zerocomm fails no sooner or later."""
+    """The process group's own timeout, so zerocomm fails no sooner or later.
+
+    Asks the group's CPU backend (gloo), then its CUDA backend (NCCL: a pure
+    NCCL group has no CPU backend), then torch's default for the group's
+    backend; DEFAULT_TIMEOUT_S only when none of them answers."""
+    for device in ("cpu", "cuda"):
+        try:
+            backend = group._get_backend(torch.device(device))
+            return float(backend.options._timeout.total_seconds())
+        except Exception:  # no backend for this device, or no options exposed
+            continue
     try:
-        backend = group._get_backend(torch.device("cpu"))
-        return float(backend.options._timeout.total_seconds())
-    except Exception:  # backends differ in what they expose
+        c10d = dist.distributed_c10d
+        return float(c10d._get_default_timeout(dist.get_backend(group)).total_seconds())
+    except Exception:
         return DEFAULT_TIMEOUT_S
 
 

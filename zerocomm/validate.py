@@ -3,8 +3,8 @@ bad input raises a clear error, and ranks whose models differ fail together
 instead of hanging in mismatched collectives."""
 from __future__ import annotations
 
+import socket
 from typing import Any
-
 
 import torch
 import torch.distributed as dist
@@ -178,21 +178,46 @@ def describe_mismatch(everyone: list[list[tuple]], ranks: list[int]) -> str | No
             "every rank must build the same model and call attach with the same arguments")
 
 
+def device_placement(device: torch.device | None) -> tuple[str, int] | None:
+    """(host name, CUDA device index) of this rank's model; None off CUDA."""
+    if device is None or device.type != "cuda":
+        return None
+    return socket.gethostname(), device.index if device.index is not None else torch.cuda.current_device()
+
+
+def describe_shared_devices(placements: list[tuple[str, int] | None], ranks: list[int]) -> str | None:
+    """None unless two ranks of one host put their model on the same CUDA
+    device (NCCL cannot build a communicator then; typically torch.cuda.set_device
+    was never called, so every rank landed on cuda:0)."""
+    seen: dict[tuple[str, int], int] = {}
+    for rank, where in zip(ranks, placements):
+        if where is None:
+            continue
+        if where in seen:
+            return (f"zerocomm.attach: ranks {seen[where]} and {rank} both use cuda:{where[1]} on host "
+                    f"{where[0]!r}; every rank needs its own GPU: call "
+                    "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before building the model")
+        seen[where] = rank
+    return None
+
+
 def check_plan_consistent(mine: list[tuple] | None, error: BaseException | None, *,
-                          group: dist.ProcessGroup) -> None:
+                          group: dist.ProcessGroup, device: torch.device | None = None) -> None:
     """Exchange each rank's verdict over `group` (the one collective of
     attach) so that ranks fail together instead of some hanging in a later
     collective: a rank whose own checks failed (`error`) raises that error,
     and every other rank raises one naming it. Otherwise the plan
     fingerprints are compared; on mismatch EVERY rank raises the same error
     (each sees all fingerprints), naming the first differing block or
-    parameter and the ranks involved."""
+    parameter and the ranks involved. `device` (the model's) joins the
+    exchange: two ranks of one host on the same CUDA device also fail."""
     world = dist.get_world_size(group)
     if world == 1:
         if error is not None:
             raise error
         return
-    verdict = (None if error is None else f"{type(error).__name__}: {error}", mine)
+    verdict = (None if error is None else f"{type(error).__name__}: {error}", mine,
+               device_placement(device))
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, verdict, group=group)
     if error is not None:
@@ -203,5 +228,7 @@ def check_plan_consistent(mine: list[tuple] | None, error: BaseException | None,
         who = ", ".join(f"rank {r}: {msg}" for r, msg in failed)
         raise ValueError(f"zerocomm.attach failed on another rank, so no rank proceeds ({who})")
     msg = describe_mismatch([v[1] for v in everyone], ranks)
+    if msg is None:
+        msg = describe_shared_devices([v[2] for v in everyone], ranks)
     if msg is not None:
         raise ValueError(msg)

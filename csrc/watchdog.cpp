@@ -1,0 +1,90 @@
+#include "watchdog.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace zerocomm {
+
+Watchdog::Watchdog(std::shared_ptr<Communicator> comm, Millis timeout,
+                   Millis poll)
+    : comm_(std::move(comm)), timeout_(timeout), poll_(poll),
+      thread_([this] { run(); }) {}
+
+Watchdog::~Watchdog() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  // Destroyed from its own thread (the last reference dropped there): a
+  // join would throw and terminate; the thread exits right after this.
+  if (thread_.get_id() == std::this_thread::get_id()) thread_.detach();
+  else if (thread_.joinable()) thread_.join();
+}
+
+void Watchdog::track(std::shared_ptr<Event> event, std::string what) {
+  const auto now = std::chrono::steady_clock::now();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_) return;  // already aborted: nothing more to time
+  if (pending_.empty()) front_since_ = now;
+  pending_.push_back({std::move(event), std::move(what), now});
+}
+
+void Watchdog::rethrow_if_failed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_) std::rethrow_exception(error_);
+}
+
+bool Watchdog::failed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_ != nullptr;
+}
+
+void Watchdog::run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    cv_.wait_for(lock, poll_, [this] { return stop_; });
+    if (stop_ || error_) continue;
+    std::exception_ptr error;
+    try {
+      // Query outside the lock: a CUDA query must not stall track().
+      while (!pending_.empty()) {
+        Entry front = pending_.front();
+        lock.unlock();
+        const bool done = front.event->query();  // rethrows a failed task
+        lock.lock();
+        if (!done || pending_.empty()) break;
+        pending_.pop_front();
+        front_since_ = std::chrono::steady_clock::now();
+      }
+      const auto now = std::chrono::steady_clock::now();
+      if (!pending_.empty()) {
+        const Entry& front = pending_.front();
+        const auto since = std::max(front.enqueued, front_since_);
+        TORCH_CHECK(now - since <= timeout_, "zerocomm: timed out after ",
+                    timeout_.count(), " ms waiting for ", front.what,
+                    " (watchdog: a peer may have died or stalled; the "
+                    "communicator was aborted -- close() this handle; raise "
+                    "`timeout` if the job is just slow)");
+      }
+      lock.unlock();
+      comm_->check_error();  // NCCL's asynchronous errors
+      lock.lock();
+    } catch (...) {
+      if (!lock.owns_lock()) lock.lock();
+      error = std::current_exception();
+    }
+    if (!error) continue;
+    // Stored before the abort: whoever wakes from the aborted work sees the
+    // cause, not just "aborted".
+    error_ = error;
+    pending_.clear();
+    lock.unlock();
+    comm_->abort();  // kernels exit, CPU waits and holds return
+    lock.lock();
+  }
+}
+
+}  // namespace zerocomm

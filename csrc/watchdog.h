@@ -1,0 +1,57 @@
+// The watchdog: one thread per scheduler that turns a stalled or failed
+// collective into an aborted communicator and a stored error, so that no
+// wait -- in particular a GPU-side one that the host never sees -- outlives
+// the timeout. Written against Stream/Event, so the CPU path runs the same
+// code as the CUDA one and CPU tests cover it.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "communicator.h"
+#include "stream.h"
+
+namespace zerocomm {
+
+class Watchdog {
+ public:
+  Watchdog(std::shared_ptr<Communicator> comm, Millis timeout,
+           Millis poll = Millis(100));
+  ~Watchdog();  // stops and joins the thread (never leaves it joinable)
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+
+  // Watch `event`, just recorded on the comm stream after the work `what`.
+  // Events of one stream complete in order, so only the oldest is timed:
+  // from when it was enqueued or when the one before it completed,
+  // whichever is later.
+  void track(std::shared_ptr<Event> event, std::string what);
+  // Rethrows the error that made the watchdog abort the communicator.
+  void rethrow_if_failed();
+  bool failed();
+
+ private:
+  void run();
+  struct Entry {
+    std::shared_ptr<Event> event;
+    std::string what;
+    std::chrono::steady_clock::time_point enqueued;
+  };
+  std::shared_ptr<Communicator> comm_;
+  const Millis timeout_, poll_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Entry> pending_;
+  std::chrono::steady_clock::time_point front_since_;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;  // last: started once everything above exists
+};
+
+}  // namespace zerocomm
