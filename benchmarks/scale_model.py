@@ -66,8 +66,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench.launch import spawn_gloo_ranks  # noqa: E402
 from machine import machine_info  # noqa: E402
+
+from zerocomm.testing.launch import spawn_gloo_ranks  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
 SIZES = [2 ** k for k in range(12, 25)]  # 4 KB .. 16 MB, every power of two
@@ -405,8 +406,8 @@ def measure_copy() -> float:
 
 def tinygpt_allgather_prediction(args: argparse.Namespace, world: int, cal: dict) -> dict:
     """The scale model applied to the overlap benchmark's TinyGPT (fp32, its real plan)."""
-    from zerocomm.models import TinyGPT
     from zerocomm.plan import build_plan
+    from zerocomm.testing.models import TinyGPT
 
     model = TinyGPT(vocab=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads, seq=args.seq)
     plan = build_plan(model, mode="allgather", world_size=world, bucket_mb=args.cpu_bucket_mb)
@@ -426,7 +427,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> list[dict] | Non
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     import zerocomm
-    from zerocomm.models import TinyGPT
+    from zerocomm.testing.models import TinyGPT
 
     sync = None
     if not args.no_validate:

@@ -35,10 +35,10 @@ BUCKET_MB = 0.01  # several buckets, allgather slices that cut through parameter
 
 
 def _model(seed: int = 0) -> nn.Module:
-    from zerocomm.models import TinyGPT
+    from zerocomm.testing.models import TinyGPT
 
     # qkv_bias=False: the key bias has a zero true gradient that Adam would
-    # turn into lr-sized steps of rounding noise (see zerocomm.models).
+    # turn into lr-sized steps of rounding noise (see zerocomm.testing.models).
     return TinyGPT(vocab=VOCAB, dim=32, n_layers=2, n_heads=4, seq=SEQ, qkv_bias=False, seed=seed)
 
 

@@ -34,7 +34,7 @@ def _setup(*, n_layers: int = 2, vocab: int = 64, optim: str = "adamw", bf16: bo
     """A stepped model: bf16 parameters with fp32 masters in allgather mode,
     so parameters, masters and optimizer state all differ from each other."""
     import zerocomm
-    from zerocomm.models import TinyGPT
+    from zerocomm.testing.models import TinyGPT
 
     model = TinyGPT(vocab=vocab, dim=16, n_layers=n_layers, n_heads=2, seq=8, qkv_bias=False, seed=0)
     kwargs: dict[str, Any] = {}

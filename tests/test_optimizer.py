@@ -68,7 +68,7 @@ class NormalizedSGD(torch.optim.Optimizer):
 
 
 def _model(tied: bool = True, frozen: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from zerocomm.models import TinyGPT
+    from zerocomm.testing.models import TinyGPT
 
     # qkv_bias=False: the key bias has an exactly-zero true gradient, which
     # Adam would turn from rounding noise into lr-sized steps (see models.py).

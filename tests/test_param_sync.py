@@ -28,7 +28,7 @@ VOCAB, SEQ = 64, 16
 
 
 def _make_model(cls: type | None = None) -> nn.Module:
-    from zerocomm.models import TinyGPT
+    from zerocomm.testing.models import TinyGPT
 
     return (cls or TinyGPT)(frozen=True, n_experts=2, tie_weights=True)
 
@@ -139,7 +139,7 @@ def _expert_group(world: int, split: bool):
 def _job_sync(rank: int, world: int, split_experts: bool, zero_copy: bool, bucket_mb: float) -> dict:
     """Both modes, two rounds each; returns digests for cross-rank checks."""
     import zerocomm
-    from zerocomm.models import is_expert_param
+    from zerocomm.testing.models import is_expert_param
 
     egroup = _expert_group(world, split_experts)
     out = {}
@@ -190,7 +190,7 @@ def _job_sync(rank: int, world: int, split_experts: bool, zero_copy: bool, bucke
 
 def _job_overlap(rank: int, world: int) -> dict:
     import zerocomm
-    from zerocomm.models import is_expert_param
+    from zerocomm.testing.models import is_expert_param
 
     egroup = dist.new_group(ranks=list(range(world)))
     delay, res = 0.2, {}
@@ -249,7 +249,7 @@ def _skip_forward(self, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _make_skip_model() -> nn.Module:
-    from zerocomm.models import TinyGPT
+    from zerocomm.testing.models import TinyGPT
 
     cls = type("SkipGPT", (TinyGPT,), {"forward": _skip_forward})
     return _make_model(cls)
@@ -257,7 +257,7 @@ def _make_skip_model() -> nn.Module:
 
 def _job_hooks(rank: int, world: int) -> dict:
     import zerocomm
-    from zerocomm.models import is_expert_param
+    from zerocomm.testing.models import is_expert_param
 
     egroup = dist.new_group(ranks=list(range(world)))
     res = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from zerocomm.models import GPT2Like, LlamaLike, TinyGPT, is_expert_param
+from zerocomm.testing.models import GPT2Like, LlamaLike, TinyGPT, is_expert_param
 from zerocomm.blocks import discover_blocks
 from zerocomm.partition import balanced_partition, greedy_partition
 from zerocomm.plan import Plan, build_plan

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 1 benchmarks/overlap.py --device cuda # NCCL (world size 1 works)
     python benchmarks/overlap.py --device cpu --transport simulated --sim-bandwidth-gbps 2
 
-Trains zerocomm.models.TinyGPT (size set by flags) for a few steps on the same
+Trains zerocomm.testing.models.TinyGPT (size set by flags) for a few steps on the same
 model and data in every variant, in one run:
 
 real transport (gloo on CPU, NCCL on CUDA), `--transport real|all`:

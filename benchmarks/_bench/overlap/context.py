@@ -39,7 +39,7 @@ class Ctx:
         self._batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def make_model(self, layers: int | None = None) -> nn.Module:
-        from zerocomm.models import TinyGPT
+        from zerocomm.testing.models import TinyGPT
 
         a = self.args
         return TinyGPT(vocab=a.vocab, dim=a.dim, n_layers=layers or a.layers, n_heads=a.heads,

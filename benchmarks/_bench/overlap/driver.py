@@ -28,9 +28,10 @@ Log = Callable[..., None]
 def warm_process(ctx: Ctx) -> None:
     """One-time costs (imports, allocator, autograd and gloo set-up) paid before any
     variant, so the first variant's peak-memory increment is not inflated by them."""
-    import zerocomm  # noqa: F401
     from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: F401
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
+
+    import zerocomm  # noqa: F401
 
     model = ctx.make_model()
     opt = ctx.adamw(model.parameters())

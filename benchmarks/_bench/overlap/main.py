@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from .. import launch
+from zerocomm.testing import launch
+
 from .cli import parse_args
 from .driver import run_all
 

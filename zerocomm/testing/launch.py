@@ -1,4 +1,4 @@
-"""The one process launcher of the benchmarks (and of zerocomm.demo).
+"""The one process launcher of the demo, the benchmarks and the scale model.
 
 Three ways a job's ranks come to exist, each running fn(rank, world, *args):
 
