@@ -20,7 +20,7 @@ export CUDA_HOME
 # keeps the generator it was made with.
 CMAKE_GENERATOR_ARG = $(if $(wildcard $(BUILD_DIR)/CMakeCache.txt),,$(if $(wildcard $(VENV)/bin/ninja),-G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja,))
 
-.PHONY: setup build demo ctest test gpu-check gpu-check-dry-run clean
+.PHONY: setup build demo ctest test lint gpu-check gpu-check-dry-run clean
 
 # The virtual environment with the pinned requirements (torch==2.14.1 comes
 # from the machine's local package cache) and zerocomm._C built against it.
@@ -58,6 +58,14 @@ gpu-check:
 # The suite's CPU check (structure, collection, CPU error paths): CI runs it.
 gpu-check-dry-run: setup
 	ZEROCOMM_PY=$(abspath $(PYTHON)) benchmarks/gpu_suite.sh --dry-run
+
+# Style and types: ruff (lint) on the Python tree, mypy on zerocomm/ (against
+# zerocomm/_C.pyi), clang-format on csrc/. The same checks run from
+# .pre-commit-config.yaml.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/clang-format --dry-run -Werror csrc/*.h csrc/*.cpp csrc/*.cu csrc/tests/*.cpp
 
 clean:
 	rm -rf $(BUILD_DIR) build *.egg-info .pytest_cache

@@ -1,8 +1,9 @@
 // Python bindings of zerocomm._C. Blocking calls release the GIL so the CPU
 // worker and other Python threads keep running.
-#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/extension.h>
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include "communicator.h"
 #include "flatten.h"
@@ -44,8 +45,9 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "zerocomm native core: fused flatten, streams, collectives, "
-            "sync scheduler";
+  m.doc() =
+      "zerocomm native core: fused flatten, streams, collectives, "
+      "sync scheduler";
   // Map c10's typed errors to the Python exceptions users expect, with the
   // message only (no C++ backtrace).
   py::register_local_exception_translator([](std::exception_ptr p) {
@@ -72,6 +74,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   m.def("build_info", &build_info);
+  // A bucket's `root`: a rank (broadcast from / reduce to it) or one of
+  // these collective kinds (scheduler.h), named so Python never copies them.
+  m.attr("ALL_GATHER") = kAllGather;
+  m.attr("REDUCE_SCATTER") = kReduceScatter;
+  m.attr("ALL_REDUCE") = kAllReduce;
 
   py::class_<FlatLayout>(m, "FlatLayout")
       .def(py::init([](const std::vector<at::Tensor>& tensors,
@@ -84,12 +91,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("numels", &FlatLayout::numels)
       .def_readonly("total_numel", &FlatLayout::total_numel)
       .def_readonly("align_bytes", &FlatLayout::align_bytes)
-      .def_property_readonly("dtype",
-                             [](const FlatLayout& l) {
-                               return py::reinterpret_borrow<py::object>(
-                                   reinterpret_cast<PyObject*>(
-                                       torch::getTHPDtype(l.dtype)));
-                             })
+      .def_property_readonly(
+          "dtype",
+          [](const FlatLayout& l) {
+            return py::reinterpret_borrow<py::object>(
+                reinterpret_cast<PyObject*>(torch::getTHPDtype(l.dtype)));
+          })
       .def("__len__", &FlatLayout::size)
       .def("__repr__", [](const FlatLayout& l) {
         return "FlatLayout(tensors=" + std::to_string(l.size()) +
@@ -97,13 +104,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                ", align_bytes=" + std::to_string(l.align_bytes) + ")";
       });
 
-  m.def("flatten",
-        [](const std::vector<at::Tensor>& tensors, const FlatLayout& layout,
-           c10::optional<at::Tensor> out) {
-          return flatten(tensors, layout, out.value_or(at::Tensor()));
-        },
-        py::arg("tensors"), py::arg("layout"), py::arg("out") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "flatten",
+      [](const std::vector<at::Tensor>& tensors, const FlatLayout& layout,
+         c10::optional<at::Tensor> out) {
+        return flatten(tensors, layout, out.value_or(at::Tensor()));
+      },
+      py::arg("tensors"), py::arg("layout"), py::arg("out") = py::none(),
+      py::call_guard<py::gil_scoped_release>());
   m.def("unflatten", &unflatten, py::arg("flat"), py::arg("tensors"),
         py::arg("layout"), py::call_guard<py::gil_scoped_release>());
 

@@ -1,9 +1,8 @@
 // The Communicator base (abort flag, abortable holds) and the two CPU-side
 // communicators: any c10d backend (gloo) and the simulated transport.
-#include <torch/csrc/distributed/c10d/Backend.hpp>
-
 #include <chrono>
 #include <thread>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include "communicator.h"
 
@@ -36,7 +35,9 @@ bool AbortFlag::sleep_for(double seconds) {
 }
 
 void AbortFlag::notify() {
-  { std::lock_guard<std::mutex> lock(mu_); }  // no lost wake-up
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+  }  // no lost wake-up
   cv_.notify_all();
 }
 
@@ -84,8 +85,7 @@ namespace {
 
 class C10dCommunicator final : public Communicator {
  public:
-  C10dCommunicator(c10::intrusive_ptr<c10d::Backend> pg,
-                   int64_t timeout_ms)
+  C10dCommunicator(c10::intrusive_ptr<c10d::Backend> pg, int64_t timeout_ms)
       : pg_(std::move(pg)), timeout_(timeout_ms) {}
 
   int rank() const override { return pg_->getRank(); }
@@ -158,8 +158,8 @@ class C10dCommunicator final : public Communicator {
     }
     while (!flag_->wait_until(deadline, [&] { return done->load(); })) {
       throw_if_aborted(op);
-      TORCH_CHECK(std::chrono::steady_clock::now() < deadline, "zerocomm: ",
-                  op, " on the ", name(), " group timed out after ",
+      TORCH_CHECK(std::chrono::steady_clock::now() < deadline, "zerocomm: ", op,
+                  " on the ", name(), " group timed out after ",
                   timeout_.count(), " ms");
     }
     work->wait();  // complete: rethrows the backend's error, if any
@@ -212,8 +212,9 @@ std::shared_ptr<Communicator> make_c10d_communicator(
   return std::make_shared<C10dCommunicator>(pg, timeout_ms);
 }
 
-std::shared_ptr<Communicator> make_simulated_communicator(
-    double latency_us, double bandwidth_gbps, int modelled_world) {
+std::shared_ptr<Communicator> make_simulated_communicator(double latency_us,
+                                                          double bandwidth_gbps,
+                                                          int modelled_world) {
   return std::make_shared<SimulatedCommunicator>(latency_us, bandwidth_gbps,
                                                  modelled_world);
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <atomic>
 #include <chrono>
@@ -12,8 +13,6 @@
 #include <mutex>
 #include <string>
 #include <vector>
-
-#include <c10/util/intrusive_ptr.h>
 
 namespace c10d {
 class Backend;
@@ -106,8 +105,9 @@ std::shared_ptr<Communicator> make_c10d_communicator(
 // Does the data movement of a world-size-1 group, then occupies the stream
 // for the modelled time: latency + bytes_on_wire / bandwidth, where
 // bytes_on_wire follows a ring of `modelled_world` ranks.
-std::shared_ptr<Communicator> make_simulated_communicator(
-    double latency_us, double bandwidth_gbps, int modelled_world);
+std::shared_ptr<Communicator> make_simulated_communicator(double latency_us,
+                                                          double bandwidth_gbps,
+                                                          int modelled_world);
 
 #ifdef ZEROCOMM_WITH_CUDA
 std::string nccl_unique_id();

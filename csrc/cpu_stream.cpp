@@ -1,6 +1,6 @@
-#include "stream.h"
-
 #include <c10/util/Exception.h>
+
+#include "stream.h"
 
 namespace zerocomm {
 
@@ -46,8 +46,10 @@ CpuStream::~CpuStream() {
   cv_.notify_all();
   // Destroyed from its own worker (a task dropped the last reference): a
   // join would throw and terminate the process; the worker ends right after.
-  if (worker_.get_id() == std::this_thread::get_id()) worker_.detach();
-  else if (worker_.joinable()) worker_.join();
+  if (worker_.get_id() == std::this_thread::get_id())
+    worker_.detach();
+  else if (worker_.joinable())
+    worker_.join();
 }
 
 void CpuStream::push(Task task) {

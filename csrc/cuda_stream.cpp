@@ -1,16 +1,16 @@
 // The only place that knows about CUDA streams and events.
-#include "stream.h"
-
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <thread>
+
+#include "stream.h"
 
 namespace zerocomm {
 namespace {

@@ -44,8 +44,10 @@ void fused_copy_cpu(const std::vector<at::Tensor>& tensors,
       // A tensor that already is a view of its slot (zero-copy parameters)
       // needs no copy, and memcpy onto itself is undefined.
       if (packed != in_flat) {
-        if (to_flat) std::memcpy(in_flat, packed, n);
-        else std::memcpy(packed, in_flat, n);
+        if (to_flat)
+          std::memcpy(in_flat, packed, n);
+        else
+          std::memcpy(packed, in_flat, n);
       }
       pos += n;
     }
@@ -129,8 +131,8 @@ void check_tensors(const std::vector<at::Tensor>& tensors,
                     " elements but the layout needs ", layout.total_numel);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    TORCH_CHECK_TYPE(t.scalar_type() == flat.scalar_type(), op, ": tensor ",
-                     i, " has dtype ", t.scalar_type(),
+    TORCH_CHECK_TYPE(t.scalar_type() == flat.scalar_type(), op, ": tensor ", i,
+                     " has dtype ", t.scalar_type(),
                      " but the flat buffer has ", flat.scalar_type());
     TORCH_CHECK_VALUE(t.device() == flat.device(), op, ": tensor ", i,
                       " is on ", t.device(), " but the flat buffer is on ",
@@ -158,8 +160,8 @@ at::Tensor flatten(const std::vector<at::Tensor>& tensors,
     // Padding must be deterministic: it travels through the collectives.
     int64_t end = 0;
     for (size_t i = 0; i <= layout.size(); ++i) {
-      const int64_t next = i < layout.size() ? layout.offsets[i]
-                                             : layout.total_numel;
+      const int64_t next =
+          i < layout.size() ? layout.offsets[i] : layout.total_numel;
       if (next > end) flat.narrow(0, end, next - end).zero_();
       if (i < layout.size()) end = std::max(end, next + layout.numels[i]);
     }

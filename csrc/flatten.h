@@ -25,8 +25,7 @@ struct FlatLayout {
   // Explicit offsets (e.g. pieces of parameters that fall into one shard).
   static FlatLayout explicit_offsets(std::vector<int64_t> offsets,
                                      std::vector<int64_t> numels,
-                                     int64_t total_numel,
-                                     at::ScalarType dtype);
+                                     int64_t total_numel, at::ScalarType dtype);
   size_t size() const { return offsets.size(); }
 };
 

@@ -1,11 +1,11 @@
 // One kernel launch copies any number of tensors into or out of a flat
 // buffer: a device-side table says, per CTA, which tensor and which chunk.
-#include "flatten.h"
-
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
+
+#include "flatten.h"
 
 namespace zerocomm {
 namespace {
@@ -86,8 +86,8 @@ void fused_copy_cuda(const std::vector<at::Tensor>& tensors,
   // caching host allocator keeps it alive until the copy has run.
   const int64_t entry_bytes = entries.size() * sizeof(CopyEntry);
   const int64_t table_bytes = entry_bytes + chunks.size() * sizeof(ChunkEntry);
-  auto host = at::empty({table_bytes},
-                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto host = at::empty(
+      {table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), entries.data(), entry_bytes);
   std::memcpy(static_cast<char*>(host.data_ptr()) + entry_bytes, chunks.data(),
               chunks.size() * sizeof(ChunkEntry));

@@ -5,8 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <nccl.h>
 
-#include <cstring>
 #include <chrono>
+#include <cstring>
 #include <mutex>
 
 #include "communicator.h"
@@ -14,23 +14,33 @@
 namespace zerocomm {
 namespace {
 
-#define ZC_NCCL_CHECK(expr)                                                \
-  do {                                                                     \
-    ncclResult_t r_ = (expr);                                              \
-    TORCH_CHECK(r_ == ncclSuccess || r_ == ncclInProgress,                 \
-                "zerocomm: NCCL error in " #expr ": ", ncclGetErrorString(r_)); \
+#define ZC_NCCL_CHECK(expr)                                \
+  do {                                                     \
+    ncclResult_t r_ = (expr);                              \
+    TORCH_CHECK(r_ == ncclSuccess || r_ == ncclInProgress, \
+                "zerocomm: NCCL error in " #expr ": ",     \
+                ncclGetErrorString(r_));                   \
   } while (0)
 
 ncclDataType_t to_nccl(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return ncclFloat32;
-    case at::kHalf: return ncclFloat16;
-    case at::kBFloat16: return ncclBfloat16;
-    case at::kDouble: return ncclFloat64;
-    case at::kInt: return ncclInt32;
-    case at::kLong: return ncclInt64;
-    case at::kByte: case at::kBool: return ncclUint8;
-    case at::kChar: return ncclInt8;
+    case at::kFloat:
+      return ncclFloat32;
+    case at::kHalf:
+      return ncclFloat16;
+    case at::kBFloat16:
+      return ncclBfloat16;
+    case at::kDouble:
+      return ncclFloat64;
+    case at::kInt:
+      return ncclInt32;
+    case at::kLong:
+      return ncclInt64;
+    case at::kByte:
+    case at::kBool:
+      return ncclUint8;
+    case at::kChar:
+      return ncclInt8;
     default:
       TORCH_CHECK_TYPE(false, "zerocomm: NCCL cannot move dtype ", t);
   }
@@ -102,8 +112,9 @@ class NcclCommunicator final : public Communicator {
   void group_end() override { ZC_NCCL_CHECK(ncclGroupEnd()); }
   void warm_up() override {
     // Connects the ring now, on the comm stream, from the attaching thread.
-    auto t = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(
-                                at::Device(at::kCUDA, device_)));
+    auto t = at::zeros({1}, at::TensorOptions()
+                                .dtype(at::kFloat)
+                                .device(at::Device(at::kCUDA, device_)));
     all_reduce(t, false);
   }
 
@@ -131,8 +142,9 @@ class NcclCommunicator final : public Communicator {
     // unblock, so after a grace period abort without the lock.
     std::unique_lock<std::timed_mutex> lock(mu_, std::defer_lock);
     if (!lock.try_lock_for(std::chrono::seconds(2))) {
-      TORCH_WARN("zerocomm: aborting the NCCL communicator while a call into "
-                 "NCCL is still blocked");
+      TORCH_WARN(
+          "zerocomm: aborting the NCCL communicator while a call into "
+          "NCCL is still blocked");
     }
     ncclComm_t comm = comm_;
     comm_ = nullptr;

@@ -10,7 +10,8 @@ SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
     : comm_(std::move(comm)), timeout_(timeout_ms), stream_(std::move(stream)) {
   TORCH_CHECK_VALUE(timeout_ms > 0, "timeout must be positive, got ",
                     timeout_ms, " ms");
-  TORCH_CHECK_VALUE(stream_ && comm_, "SyncScheduler needs a stream and a "
+  TORCH_CHECK_VALUE(stream_ && comm_,
+                    "SyncScheduler needs a stream and a "
                     "communicator");
   watchdog_ = std::make_unique<Watchdog>(comm_, timeout_);
   if (stream_->is_cuda()) {
@@ -45,7 +46,8 @@ void SyncScheduler::check_usable() {
     aborted_ = true;
     watchdog_->rethrow_if_failed();
   }
-  TORCH_CHECK(!aborted_, "zerocomm: the communicator was aborted after an "
+  TORCH_CHECK(!aborted_,
+              "zerocomm: the communicator was aborted after an "
               "error; close() this handle and attach again");
   try {
     comm_->check_error();
@@ -84,9 +86,9 @@ int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
   auto b = std::make_shared<Bucket>();
   b->in_layout = FlatLayout::explicit_offsets(
       std::move(in_offsets), numels(copy_in), flat.numel(), flat.scalar_type());
-  b->out_layout = FlatLayout::explicit_offsets(std::move(out_offsets),
-                                               numels(copy_out), flat.numel(),
-                                               flat.scalar_type());
+  b->out_layout =
+      FlatLayout::explicit_offsets(std::move(out_offsets), numels(copy_out),
+                                   flat.numel(), flat.scalar_type());
   check_tensors(copy_in, b->in_layout, flat, label.c_str());
   check_tensors(copy_out, b->out_layout, flat, label.c_str());
   b->flat = std::move(flat);
@@ -105,11 +107,11 @@ int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
                                        std::string label) {
   TORCH_CHECK_VALUE(root >= kAllReduce && root < comm_->size(), "bucket ",
                     label, ": bad reduction root ", root);
-  TORCH_CHECK_VALUE(root != kReduceScatter ||
-                        (shard.defined() &&
-                         shard.numel() * comm_->size() == flat.numel()),
-                    "bucket ", label, ": reduce-scatter needs a shard of ",
-                    flat.numel() / comm_->size(), " elements");
+  TORCH_CHECK_VALUE(
+      root != kReduceScatter ||
+          (shard.defined() && shard.numel() * comm_->size() == flat.numel()),
+      "bucket ", label, ": reduce-scatter needs a shard of ",
+      flat.numel() / comm_->size(), " elements");
   auto b = std::make_shared<Bucket>();
   b->in_layout = FlatLayout::explicit_offsets(
       std::move(offsets), std::move(numels), flat.numel(), flat.scalar_type());
@@ -122,8 +124,8 @@ int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
   return static_cast<int64_t>(grads_.size()) - 1;
 }
 
-std::shared_ptr<Event> SyncScheduler::enqueue_traced(
-    const std::string& label, std::function<void()> fn) {
+std::shared_ptr<Event> SyncScheduler::enqueue_traced(const std::string& label,
+                                                     std::function<void()> fn) {
   std::shared_ptr<Event> begin;
   if (tracing_) begin = stream_->record();
   // Whoever waits later learns which sync failed, not just gloo's words.
@@ -134,13 +136,14 @@ std::shared_ptr<Event> SyncScheduler::enqueue_traced(
       // Stays a torch.OutOfMemoryError in Python (CUDA: the fused copy's
       // temporary tables come from the caching allocator).
       TORCH_CHECK_WITH(OutOfMemoryError, false, "zerocomm: sync of bucket ",
-                       label, " ran out of memory: ",
-                       e.what_without_backtrace());
+                       label,
+                       " ran out of memory: ", e.what_without_backtrace());
     } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "zerocomm: sync of bucket ", label, " failed: ",
-                  e.what_without_backtrace());
+      TORCH_CHECK(false, "zerocomm: sync of bucket ", label,
+                  " failed: ", e.what_without_backtrace());
     } catch (const std::exception& e) {
-      TORCH_CHECK(false, "zerocomm: sync of bucket ", label, " failed: ", e.what());
+      TORCH_CHECK(false, "zerocomm: sync of bucket ", label,
+                  " failed: ", e.what());
     }
   });
   auto end = stream_->record();
@@ -165,8 +168,10 @@ void SyncScheduler::launch(const std::vector<int64_t>& order) {
     b->done = enqueue_traced(b->label, [b, comm, delay] {
       if (delay > 0) comm->hold(delay, b->flat.is_cuda());
       if (!b->copy_in.empty()) flatten(b->copy_in, b->in_layout, b->flat);
-      if (b->root == kAllGather) comm->all_gather(b->flat);
-      else comm->broadcast(b->flat, b->root);
+      if (b->root == kAllGather)
+        comm->all_gather(b->flat);
+      else
+        comm->broadcast(b->flat, b->root);
       if (!b->copy_out.empty()) unflatten(b->flat, b->copy_out, b->out_layout);
     });
   }
@@ -201,8 +206,10 @@ void SyncScheduler::wait_param(int64_t i) {
                       "no parameter bucket ", i);
     b = params_[i];
   }
-  wait_event(b->done, "parameter sync of bucket " + std::to_string(i) +
-                          " (" + b->label + ")", b->label);
+  wait_event(
+      b->done,
+      "parameter sync of bucket " + std::to_string(i) + " (" + b->label + ")",
+      b->label);
 }
 
 void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
@@ -224,8 +231,8 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
   // stream is still reducing. CUDA: a GPU-side wait; CPU: usually done.
   if (b->done) {
     try {
-      b->done->block_current(timeout_, "the previous reduction of bucket " +
-                                           b->label);
+      b->done->block_current(timeout_,
+                             "the previous reduction of bucket " + b->label);
     } catch (...) {
       rethrow_cause();
     }
@@ -234,9 +241,12 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
   stream_->wait(stream_->record_current(), timeout_, "backward");
   auto comm = comm_;
   b->done = enqueue_traced(b->label, [b, comm, average] {
-    if (b->root == kReduceScatter) comm->reduce_scatter(b->flat, b->shard, average);
-    else if (b->root == kAllReduce) comm->all_reduce(b->flat, average);
-    else comm->reduce(b->flat, b->root, average);
+    if (b->root == kReduceScatter)
+      comm->reduce_scatter(b->flat, b->shard, average);
+    else if (b->root == kAllReduce)
+      comm->all_reduce(b->flat, average);
+    else
+      comm->reduce(b->flat, b->root, average);
   });
 }
 
@@ -248,8 +258,10 @@ void SyncScheduler::wait_grad(int64_t i) {
                       "no gradient bucket ", i);
     b = grads_[i];
   }
-  wait_event(b->done, "gradient reduction of bucket " + std::to_string(i) +
-                          " (" + b->label + ")", b->label);
+  wait_event(b->done,
+             "gradient reduction of bucket " + std::to_string(i) + " (" +
+                 b->label + ")",
+             b->label);
 }
 
 void SyncScheduler::synchronize() {
@@ -298,8 +310,8 @@ void SyncScheduler::set_tracing(bool on) {
 int64_t SyncScheduler::trace_begin(std::string lane, std::string label) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!tracing_) return -1;
-  spans_.push_back({std::move(lane), std::move(label),
-                    stream_->record_current(), nullptr});
+  spans_.push_back(
+      {std::move(lane), std::move(label), stream_->record_current(), nullptr});
   return static_cast<int64_t>(spans_.size()) - 1;
 }
 

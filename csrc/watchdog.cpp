@@ -9,7 +9,9 @@ namespace zerocomm {
 
 Watchdog::Watchdog(std::shared_ptr<Communicator> comm, Millis timeout,
                    Millis poll)
-    : comm_(std::move(comm)), timeout_(timeout), poll_(poll),
+    : comm_(std::move(comm)),
+      timeout_(timeout),
+      poll_(poll),
       thread_([this] { run(); }) {}
 
 Watchdog::~Watchdog() {
@@ -20,8 +22,10 @@ Watchdog::~Watchdog() {
   cv_.notify_all();
   // Destroyed from its own thread (the last reference dropped there): a
   // join would throw and terminate; the thread exits right after this.
-  if (thread_.get_id() == std::this_thread::get_id()) thread_.detach();
-  else if (thread_.joinable()) thread_.join();
+  if (thread_.get_id() == std::this_thread::get_id())
+    thread_.detach();
+  else if (thread_.joinable())
+    thread_.join();
 }
 
 void Watchdog::track(std::shared_ptr<Event> event, std::string what) {

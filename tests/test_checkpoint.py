@@ -20,9 +20,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist_utils import run_ranks
+from torch import nn
 
 MODES = ("broadcast", "allgather")
 VOCAB, SEQ, BATCH = 64, 16, 12  # 12 sequences: divisible by 4, 3 and 2 ranks

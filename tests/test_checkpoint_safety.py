@@ -20,7 +20,6 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import run_ranks
 
 T = 20  # seconds: the `timeout=` of every checkpoint call in the jobs

@@ -14,9 +14,8 @@ import time
 
 import pytest
 import torch
-from torch import nn
-
 from dist_utils import run_ranks
+from torch import nn
 
 WORLD, VICTIM, FAULT_STEP = 3, 2, 2
 TIMEOUT_S = 6.0  # zerocomm's `timeout=`: short, so the stall case stays quick

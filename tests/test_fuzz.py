@@ -23,9 +23,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
 from dist_utils import run_ranks
+from torch import nn
 
 CASES_PER_WORLD = 25  # x 4 world sizes: 100 cases
 STEPS = 3

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import free_port
 
 pytest.importorskip("transformers")

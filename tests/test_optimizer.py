@@ -21,9 +21,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist_utils import run_ranks
+from torch import nn
 
 MODES = ("broadcast", "allgather")
 VOCAB, SEQ, GLOBAL_BATCH = 64, 16, 12  # 12 sequences split evenly over 1, 2, 3 or 4 ranks
@@ -176,8 +175,9 @@ def _one_thread() -> Iterator[None]:
 
 def _core(rank: int, world: int) -> dict:
     """Acceptance 1, 2, 5 and the consolidated state_dict."""
-    import zerocomm
     from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import zerocomm
 
     out: dict[Any, Any] = {}
     for name, (cls, _, defaults) in _OPTIMIZERS.items():

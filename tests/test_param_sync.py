@@ -15,9 +15,8 @@ import hashlib
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist_utils import run_ranks
+from torch import nn
 
 MODES = ("broadcast", "allgather")
 VOCAB, SEQ = 64, 16
@@ -227,7 +226,7 @@ def _job_overlap(rank: int, world: int) -> dict:
         for u in handle.units:
             for blk, buckets in zip(u.plan.blocks, u.plan.block_buckets):
                 for b in buckets:
-                    lab = next(l for l in comm_by_label if l.startswith(f"{u.name}:{b}["))
+                    lab = next(c for c in comm_by_label if c.startswith(f"{u.name}:{b}["))
                     assert compute[blk.name].end >= comm_by_label[lab].end, (mode, blk.name, lab)
         st = handle.stats()
         assert st["sync_total_s"] >= n_buckets * delay * 0.9 / 2, st  # two comm threads in parallel
@@ -287,7 +286,7 @@ def _job_hooks(rank: int, world: int) -> dict:
         assert torch.equal(y, ref(_input(1)))
         waited = {s.label for s in handle.trace() if s.lane == "wait"}
         blk1 = [b for b in handle.plan.blocks if b.name == "blocks.1"][0]
-        assert any(l.startswith("dense:") for l in waited)
+        assert any(w.startswith("dense:") for w in waited)
         res[mode] = sorted(waited), blk1.name
         handle.close()
     return res

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from zerocomm.testing.models import GPT2Like, LlamaLike, TinyGPT, is_expert_param
 from zerocomm.blocks import discover_blocks
 from zerocomm.partition import balanced_partition, greedy_partition
 from zerocomm.plan import Plan, build_plan
+from zerocomm.testing.models import GPT2Like, LlamaLike, TinyGPT, is_expert_param
 
 
 def names(chunks, blocks=None):
@@ -316,7 +316,8 @@ def test_summary_shows_per_rank_load_and_imbalance():
     assert lines[1] == "6 params (100 elements) in 6 blocks, 1 buckets"
     assert lines[2].split() == ["block", "name", "numel", "ranks", "buckets"]
     assert lines[8].split() == ["5", "5", "50", "0", "0"]
-    assert [l.split() for l in lines[9:12]] == [["rank", "load", "share"], ["0", "100", "100.0%"], ["1", "0", "0.0%"]]
+    want = [["rank", "load", "share"], ["0", "100", "100.0%"], ["1", "0", "0.0%"]]
+    assert [line.split() for line in lines[9:12]] == want
     assert lines[12] == "imbalance (max/mean): 2.000"
     assert "imbalance (max/mean): 1.000" in balanced.summary()
     assert balanced.summary().splitlines()[8].split() == ["5", "5", "50", "1", "1"]
@@ -408,7 +409,8 @@ def test_broadcast_buckets_respect_owner_dtype_and_cap():
             for a, b in zip(plan.buckets, plan.buckets[1:]):  # buckets are maximal
                 if a.owner == b.owner and a.dtype == b.dtype:
                     first = plan.params[b.params[0]]
-                    slot = -(-first.numel // max(1, 16 // b.element_size)) * b.element_size * max(1, 16 // b.element_size)
+                    per = max(1, 16 // b.element_size)
+                    slot = -(-first.numel // per) * b.element_size * per
                     assert a.nbytes + slot > cap
             assert plan.rank_numel == loads(plan.owner, [p.numel for p in plan.params], ws)
             assert plan.owner == balanced_partition([p.numel for p in plan.params], ws)

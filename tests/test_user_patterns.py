@@ -15,7 +15,6 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.nn as nn
-
 from dist_utils import run_ranks
 
 WORLD = 2

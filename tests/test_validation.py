@@ -16,10 +16,8 @@ from typing import Callable
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist_utils import run_ranks
-
+from torch import nn
 
 # --------------------------------------------------------------------- helpers
 
@@ -132,7 +130,8 @@ def check_optimizer_foreign_param() -> None:
     model = Net()
     stranger = nn.Parameter(torch.zeros(7, 3))
     opt = torch.optim.SGD([*model.parameters(), stranger], lr=0.1)
-    _raises(ValueError, r"optimizer param_groups\[0\]\['params'\]\[6\] \(shape \(7, 3\)\) is not a parameter of the model",
+    _raises(ValueError,
+            r"optimizer param_groups\[0\]\['params'\]\[6\] \(shape \(7, 3\)\) is not a parameter of the model",
             lambda: _attach(model, opt))
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from dist_utils import run_ranks
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE_US = 3e8  # a simulated wire that takes 300 s per collective

@@ -16,12 +16,19 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from ._ckpt_fs import (
-    ENTRIES, FORMAT, MARKER, METADATA, CheckpointError, read_marker, short_weights_only_error, verify,
+    ENTRIES,
+    FORMAT,
+    MARKER,
+    METADATA,
+    CheckpointError,
+    read_marker,
+    short_weights_only_error,
+    verify,
 )
 
 _METADATA_GLOBALS = {

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from .optimizer_state import local_positions
 from .blocks import chunk_prefix
+from .optimizer_state import local_positions
 
 if TYPE_CHECKING:
     from .shards import ShardedOptimizer
@@ -130,7 +130,8 @@ def sharded_state_dict(zopt: "ShardedOptimizer", *, metadata: Metadata | None = 
         for k, v in chunk.state_dict(keep_vars=False).items():
             # Loading goes into scratch tensors (on the CPU, not doubling GPU
             # memory): a load that fails half-way must leave the model as it was.
-            sd[MODEL + chunk_prefix(c, len(zopt.chunks)) + k] = v if metadata is None else torch.empty_like(v, device="cpu")
+            key = MODEL + chunk_prefix(c, len(zopt.chunks)) + k
+            sd[key] = v if metadata is None else torch.empty_like(v, device="cpu")
     if metadata is None:
         sd[META] = {
             "format": FORMAT,

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+
 # torch's distributed bindings must be registered before ours refer to them.
 import torch.distributed  # noqa: F401
 
 
-def load() -> ModuleType:
+def load() -> ModuleType:  # the module zerocomm/_C.pyi describes
     try:
         from . import _build_meta
     except ImportError as e:
@@ -27,4 +29,7 @@ def load() -> ModuleType:
     return _C
 
 
-_C = load()
+if TYPE_CHECKING:
+    from . import _C  # typed by zerocomm/_C.pyi
+else:
+    _C = load()

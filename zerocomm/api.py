@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .blocks import BlocksArg
 from .optimizer import ZeroOptimizer
 from .param_sync import ParamSync, plan_units
 from .transport import SimulatedTransport, group_timeout_s, resolve_group
@@ -24,7 +25,7 @@ def attach(
     group: dist.ProcessGroup | None = None,
     expert_group: dist.ProcessGroup | None = None,
     expert_filter: Callable[[str, nn.Parameter], bool] | None = None,
-    blocks: object = None,
+    blocks: BlocksArg = None,
     partition: str = "balanced",
     bucket_mb: float = 25.0,
     align_bytes: int = 16,
@@ -70,6 +71,7 @@ def attach(
         error = e
     check_plan_consistent(fingerprint, error, group=group, device=device)
     timeout_s = float(timeout) if timeout is not None else group_timeout_s(group)
+    assert device is not None  # check_model ran: any failure was raised above
     handle: ParamSync | ZeroOptimizer
     if optimizer is None:
         handle = ParamSync(chunks, mode=mode, units=units, transport=transport, timeout_s=timeout_s,

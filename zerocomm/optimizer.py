@@ -22,6 +22,7 @@ from .shard_buffers import LocalParam, ShardBuffers
 from .shards import ShardPiece
 from .validate import all_params, check_elementwise
 
+
 @dataclass
 class GradState:
     """Per unit: which gradient buckets are ready and how far we launched."""

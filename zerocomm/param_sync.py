@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -14,11 +14,12 @@ import torch.nn as nn
 
 from . import telemetry
 from ._ext import _C
+from .blocks import BlocksArg
 from .hooks import BlockHooks, Wait
 from .plan import Bucket, Plan, build_plan
 from .transport import SimulatedTransport, Transport, open_transport
 
-ALL_GATHER = -1  # scheduler root code for an in-place all-gather
+ALL_GATHER = _C.ALL_GATHER  # a param bucket's root: in-place all-gather instead of a broadcast
 
 # Handles still open at interpreter exit are closed first: a comm worker
 # thread left running into C++ static destruction aborts the process.
@@ -45,7 +46,7 @@ class PlannedUnit(NamedTuple):
 def plan_units(
     chunks: list[nn.Module], *, mode: str, group: dist.ProcessGroup, expert_group: dist.ProcessGroup | None,
     expert_filter: Callable[[str, nn.Parameter], bool] | None, transport: str | SimulatedTransport,
-    partition: str, bucket_mb: float, align_bytes: int, blocks: object,
+    partition: str, bucket_mb: float, align_bytes: int, blocks: BlocksArg,
 ) -> list[PlannedUnit]:
     """The plans of one attach, built once: the dense plan, and the expert
     plan (its own group) when `expert_filter` picks expert parameters.
@@ -142,7 +143,7 @@ def build_unit(
         sched.add_param_bucket(flat, copy_in, in_offsets, copy_out, out_offsets, root, label)
         flats.append(flat)
     bound = [s.param.detach() for s in plan.params]
-    return SyncUnit(name, plan, transport, sched, flats, list(range(len(plan.buckets))), bound=bound)
+    return SyncUnit(name, plan, transport, sched, flats, order=list(range(len(plan.buckets))), bound=bound)
 
 
 @dataclass
@@ -196,15 +197,15 @@ class _Scheduler(_C.SyncScheduler):
     with it (param flats, grad flats and shards: all the communicator hands
     to gloo), so `_release` can order the teardown safely."""
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.buffers: list[torch.Tensor] = []
 
-    def add_param_bucket(self, flat: torch.Tensor, *args: object) -> int:
+    def add_param_bucket(self, flat: torch.Tensor, *args: Any) -> int:
         self.buffers.append(flat.view(-1))
         return super().add_param_bucket(flat, *args)
 
-    def add_grad_bucket(self, flat: torch.Tensor, shard: torch.Tensor, *args: object) -> int:
+    def add_grad_bucket(self, flat: torch.Tensor, shard: torch.Tensor, *args: Any) -> int:
         self.buffers += [flat.view(-1), shard.view(-1)]
         return super().add_grad_bucket(flat, shard, *args)
 
@@ -224,9 +225,9 @@ def _release(u: SyncUnit) -> None:
     here, on this thread."""
     sched = u.sched
     keep = list(getattr(sched, "buffers", []))
-    u.sched = _Closed()
-    u.transport.stream = None
-    u.transport.comm = None
+    u.sched = cast(Any, _Closed())
+    u.transport.stream = cast(Any, None)
+    u.transport.comm = cast(Any, None)
     del sched  # ~SyncScheduler: joins the worker, then frees the communicator
     keep.clear()
 
@@ -410,7 +411,7 @@ class ParamSync:
             # or the ZeroOptimizer around it
             h = getattr(c, "_zerocomm_handle", None)
             if h is self or getattr(h, "sync", None) is self:
-                c._zerocomm_handle = None
+                setattr(c, "_zerocomm_handle", None)
 
     def __enter__(self) -> "ParamSync":
         return self
@@ -446,7 +447,7 @@ class ParamSync:
         if self.units and self.units[0].transport.world_size > 1:
             box = [sequence]
             dist.broadcast_object_list(box, group=self.units[0].group, group_src=0)
-            sequence = [tuple(x) for x in box[0]]
+            sequence = [(int(x[0]), int(x[1])) for x in box[0]]
         self._sequence = sequence
         for ui, u in enumerate(self.units):
             u.order = [b for uj, b in sequence if uj == ui]

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ._ext import _C
 from .param_sync import SyncUnit
 
-REDUCE_SCATTER = -1  # the scheduler's root code for a reduce-scatter (csrc/scheduler.h)
+REDUCE_SCATTER = _C.REDUCE_SCATTER  # a grad bucket's root: reduce-scatter instead of reduce-to-owner
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ShardBuffers:
         flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
         numels = [plan.params[i].numel for i in b.params]
         if plan.mode == "broadcast":
+            assert b.owner is not None  # every broadcast bucket has one
             u.sched.add_grad_bucket(flat, torch.empty(0, dtype=b.dtype, device=device), list(b.offsets),
                                     numels, b.owner, f"grad:{u.name}:{b.index}")
             bb = BucketBuffers(flat, None, None)

@@ -13,6 +13,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,7 @@ def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
             "torch.distributed is not initialised: call "
             "torch.distributed.init_process_group(...) before zerocomm.attach"
         )
-    return group if group is not None else dist.group.WORLD
+    return group if group is not None else cast(dist.ProcessGroup, dist.group.WORLD)
 
 
 def group_timeout_s(group: dist.ProcessGroup) -> float:
@@ -106,11 +107,10 @@ def open_transport(
             )
         if not _C.build_info()["cuda"]:
             raise ValueError("zerocomm was built without CUDA: rebuild it with CUDA_HOME set")
-        uid = _C.nccl_unique_id() if rank == 0 else None
-        uid = _broadcast_from_group_rank0(uid, group)
+        uid = cast(bytes, _broadcast_from_group_rank0(_C.nccl_unique_id() if rank == 0 else None, group))
         comm = _C.nccl_communicator(uid, rank, size, cuda_index)
     else:
-        prefix = _broadcast_from_group_rank0(f"zerocomm/{uuid.uuid4().hex}" if rank == 0 else None, group)
+        prefix = cast(str, _broadcast_from_group_rank0(f"zerocomm/{uuid.uuid4().hex}" if rank == 0 else None, group))
         store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
         backend = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
         comm = _C.c10d_communicator(backend, int(timeout_s * 1000))

@@ -2,8 +2,6 @@
 // A plain program run by ctest: each test is a function, CHECK records a
 // failure and carries on, the last line is "N passed, N failed" and the exit
 // status is non-zero when anything failed.
-#include "stream.h"
-
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -17,6 +15,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "stream.h"
 
 namespace {
 
@@ -32,13 +32,13 @@ constexpr Millis kLong{10000};
 
 int g_check_failures = 0;
 
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      ++g_check_failures;                                                  \
-      std::fprintf(stderr, "  CHECK failed at %s:%d: %s\n", __FILE__,      \
-                   __LINE__, #cond);                                       \
-    }                                                                      \
+#define CHECK(cond)                                                   \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      ++g_check_failures;                                             \
+      std::fprintf(stderr, "  CHECK failed at %s:%d: %s\n", __FILE__, \
+                   __LINE__, #cond);                                  \
+    }                                                                 \
   } while (0)
 
 #define CHECK_MSG(cond, msg)                                               \

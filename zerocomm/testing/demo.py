@@ -13,6 +13,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,8 +59,8 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
                     init_std=0.02).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-3, weight_decay=0.1)
+    groups: list[dict[str, Any]] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-3, weight_decay=0.1)
     unsharded_state = 2 * sum(p.numel() * 4 for p in model.parameters())  # AdamW: exp_avg + exp_avg_sq
     zopt = zerocomm.attach(model, opt, mode=args.mode, bucket_mb=args.bucket_mb)
     if rank == 0:
@@ -106,6 +107,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         measured = times[3:] or times
         print("\nzerocomm demo report")
         print(f"  ranks x mode            : {world} x {args.mode} ({'NCCL' if cuda else 'gloo, CPU'})")
+        assert loss is not None and first_loss is not None  # at least one step ran
         print(f"  loss                    : {first_loss:.3f} -> {loss.item():.3f}")
         print(f"  step time (median)      : {statistics.median(measured) * 1e3:.1f} ms")
         print(f"  optimizer state / rank  : {', '.join(f'{e[0].item() / 2**20:.2f}' for e in everyone)} MiB "
