@@ -112,7 +112,7 @@ SIM_LATENCY_US = 200_000.0  # 0.2 s per collective: far longer than a forward
 
 def test_overlap_on_comm_stream(nccl_world1: None) -> None:
     import zerocomm
-    from zerocomm.param_sync import _Scheduler
+    from zerocomm.sync_unit import _Scheduler
 
     model = _model(torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

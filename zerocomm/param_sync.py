@@ -3,147 +3,21 @@ parameters to all ranks, bucket by bucket on zerocomm's comm stream, while
 the next forward pass already runs (docs/design.md, "Data flow of one step")."""
 from __future__ import annotations
 
-import atexit
-import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, cast
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from . import telemetry
-from ._ext import _C
-from .blocks import BlocksArg
 from .hooks import BlockHooks, Wait
-from .plan import Bucket, Plan, build_plan
-from .transport import SimulatedTransport, Transport, open_transport
+from .plan import Plan
+from .sync_unit import PlannedUnit, SyncUnit, build_unit, owned_pieces, plan_units
+from .teardown import drain, register_open, release
+from .transport import SimulatedTransport, open_transport
 
-ALL_GATHER = _C.ALL_GATHER  # a param bucket's root: in-place all-gather instead of a broadcast
-
-# Handles still open at interpreter exit are closed first: a comm worker
-# thread left running into C++ static destruction aborts the process.
-_OPEN_HANDLES: "weakref.WeakSet[ParamSync]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_handles() -> None:
-    for handle in list(_OPEN_HANDLES):
-        try:
-            handle.close()  # joins the comm worker and the watchdog thread
-        except Exception:  # one handle's failure must not leave the others open
-            pass
-
-
-class PlannedUnit(NamedTuple):
-    """A plan and the group it syncs over, before any transport exists."""
-
-    name: str  # "dense" or "expert"
-    group: dist.ProcessGroup
-    plan: Plan
-
-
-def plan_units(
-    chunks: list[nn.Module], *, mode: str, group: dist.ProcessGroup, expert_group: dist.ProcessGroup | None,
-    expert_filter: Callable[[str, nn.Parameter], bool] | None, transport: str | SimulatedTransport,
-    partition: str, bucket_mb: float, align_bytes: int, blocks: BlocksArg,
-) -> list[PlannedUnit]:
-    """The plans of one attach, built once: the dense plan, and the expert
-    plan (its own group) when `expert_filter` picks expert parameters.
-    Collective-free, so attach fingerprints them before any collective."""
-    specs = [("dense", group, None if expert_filter is None else (lambda n, p: not expert_filter(n, p)))]
-    if expert_filter is not None:
-        specs.append(("expert", expert_group if expert_group is not None else group, expert_filter))
-    out = []
-    for name, grp, pfilter in specs:
-        world = 1 if isinstance(transport, SimulatedTransport) else dist.get_world_size(grp)
-        plan = build_plan(chunks, mode=mode, world_size=world, partition=partition, bucket_mb=bucket_mb,
-                          align_bytes=align_bytes, blocks=blocks, param_filter=pfilter)
-        out.append(PlannedUnit(name, grp, plan))
-    return out
-
-
-@dataclass
-class SyncUnit:
-    """One plan (dense or expert) with its own transport and scheduler."""
-
-    name: str
-    plan: Plan
-    transport: Transport
-    sched: "_C.SyncScheduler"
-    flats: list[torch.Tensor]
-    group: dist.ProcessGroup | None = None  # the user's group it syncs over
-    order: list[int] = field(default_factory=list)  # bucket launch order
-    # per plan param: the storage the scheduler copies from/into (the
-    # parameter's own at attach, or its slice of the flat buffer with
-    # zero_copy); a parameter rebound elsewhere is put back on it
-    bound: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def rank(self) -> int:
-        return self.transport.rank
-
-    def shard_range(self, b: Bucket) -> tuple[int, int]:
-        """[start, end) of this rank's slice of an allgather bucket."""
-        return b.shard_range(self.rank)
-
-
-def owned_pieces(b: Bucket, plan: Plan, lo: int, hi: int) -> list[tuple[int, int, int]]:
-    """(param index, start inside the param, start inside the flat buffer) of
-    every piece of a parameter that falls into [lo, hi) of bucket `b`
-    (kept for custom loops; `plan.pieces` also gives each piece's length)."""
-    return [(pc.param, pc.start, pc.at) for pc in plan.pieces(b, lo, hi)]
-
-
-def _piece(p: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    return p.detach().view(-1).narrow(0, start, n)
-
-
-def build_unit(
-    name: str,
-    plan: Plan,
-    transport: Transport,
-    device: torch.device,
-    zero_copy: bool,
-    copy_in_params: bool,
-) -> SyncUnit:
-    """Allocates the persistent flat buffers and registers each bucket with
-    the scheduler. `copy_in_params=False` when the owner writes its shard
-    straight into the flat buffer (the sharded optimizer does)."""
-    sched = _Scheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000))
-    rank, flats = transport.rank, []
-    for b in plan.buckets:
-        flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
-        params = [plan.params[i].param for i in b.params]
-        for p, off in zip(params, b.offsets):
-            flat.narrow(0, off, p.numel()).copy_(p.detach().view(-1))
-        copy_in: list[torch.Tensor] = []
-        in_offsets: list[int] = []
-        if plan.mode == "broadcast":
-            root = b.owner
-            if rank == root and copy_in_params and not zero_copy:
-                copy_in, in_offsets = [p.detach() for p in params], list(b.offsets)
-            copy_out = [] if rank == root else [p.detach() for p in params]
-        else:
-            root = ALL_GATHER
-            if copy_in_params and not zero_copy:
-                for pc in plan.pieces(b, *b.shard_range(rank)):
-                    copy_in.append(_piece(plan.params[pc.param].param, pc.start, pc.numel))
-                    in_offsets.append(pc.at)
-            copy_out = [p.detach() for p in params]
-        if zero_copy:
-            # Parameters become views of the flat buffer: no copy-in/out.
-            for p, off in zip(params, b.offsets):
-                p.data = flat.narrow(0, off, p.numel()).view(p.shape)
-            copy_out = []
-        out_offsets = list(b.offsets) if copy_out else []
-        label = f"{name}:{b.index}[{plan.blocks[b.blocks[0]].name}" + (
-            f"..{plan.blocks[b.blocks[-1]].name}]" if len(b.blocks) > 1 else "]"
-        )
-        sched.add_param_bucket(flat, copy_in, in_offsets, copy_out, out_offsets, root, label)
-        flats.append(flat)
-    bound = [s.param.detach() for s in plan.params]
-    return SyncUnit(name, plan, transport, sched, flats, order=list(range(len(plan.buckets))), bound=bound)
+__all__ = ["ParamSync", "PlannedUnit", "SyncUnit", "owned_pieces", "plan_units"]
 
 
 @dataclass
@@ -165,71 +39,6 @@ def _slots(chunks: list[nn.Module], units: list[SyncUnit]) -> list[_Slot]:
                 if id(p) in names:
                     out.append(_Slot(m, attr, p, names[id(p)]))
     return out
-
-
-class _Closed:
-    """Stands in for the scheduler of a closed handle (the sharded optimizer
-    keeps its SyncUnits): any use raises instead of touching freed state."""
-
-    def __getattr__(self, name: str) -> object:
-        raise RuntimeError("this zerocomm handle is closed")
-
-
-def _drain(u: SyncUnit, attempts: int = 3) -> None:
-    """After a failure, wait (GIL released) until the comm worker has left
-    the collective it may still be blocked in. After abort() the waits it
-    can be in end at once (c10d works, simulated hold, debug delay) -- except
-    gloo's reduce-scatter, which runs inside Work::wait and ends at the
-    private backend's timeout -- so this normally returns at the first
-    attempt; each attempt is bounded by the timeout, and the worker,
-    poisoned, skips what follows."""
-    for _ in range(attempts):
-        try:
-            u.sched.host_synchronize()
-            return
-        except Exception as e:
-            if "timed out" not in str(e):
-                return  # the worker reached the poisoned event: it is idle
-
-
-class _Scheduler(_C.SyncScheduler):
-    """The native scheduler, also holding a view of every buffer registered
-    with it (param flats, grad flats and shards: all the communicator hands
-    to gloo), so `_release` can order the teardown safely."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.buffers: list[torch.Tensor] = []
-
-    def add_param_bucket(self, flat: torch.Tensor, *args: Any) -> int:
-        self.buffers.append(flat.view(-1))
-        return super().add_param_bucket(flat, *args)
-
-    def add_grad_bucket(self, flat: torch.Tensor, shard: torch.Tensor, *args: Any) -> int:
-        self.buffers += [flat.view(-1), shard.view(-1)]
-        return super().add_grad_bucket(flat, shard, *args)
-
-
-def _release(u: SyncUnit) -> None:
-    """Destroy the scheduler, its comm stream and communicator now, in an
-    order that cannot deadlock.
-
-    Their destructors run under the GIL and join the gloo backend's threads.
-    A backend thread that drops the second-to-last reference to a tensor
-    that has a Python object must take the GIL (torch then releases the
-    PyObject): if that happens while this thread holds the GIL and joins it,
-    the process hangs forever -- seen right after a peer died, while gloo was
-    still freeing the failed work. The views in `sched.buffers` keep one
-    more C++ reference on every buffer gloo can hold (a view owns its base),
-    so gloo's threads never drop the second-to-last one; the views go last,
-    here, on this thread."""
-    sched = u.sched
-    keep = list(getattr(sched, "buffers", []))
-    u.sched = cast(Any, _Closed())
-    u.transport.stream = cast(Any, None)
-    u.transport.comm = cast(Any, None)
-    del sched  # ~SyncScheduler: joins the worker, then frees the communicator
-    keep.clear()
 
 
 class ParamSync:
@@ -278,7 +87,7 @@ class ParamSync:
         self._slots = _slots(chunks, self.units)
         self.hooks = BlockHooks(waits, roots, on_first_call=self._record_first_call)
         self.hooks.install()
-        _OPEN_HANDLES.add(self)
+        register_open(self)
 
     # -- public API -----------------------------------------------------
     @property
@@ -397,14 +206,14 @@ class ParamSync:
                 u.sched.host_synchronize()
             except Exception:
                 u.sched.abort()
-                _drain(u)
+                drain(u)
         for u in self.units:
             flat_ptrs = {f.untyped_storage().data_ptr() for f in u.flats}
             for p in (s.param for s in u.plan.params):
                 if p.data.untyped_storage().data_ptr() in flat_ptrs:
                     p.data = p.data.clone()  # detach zero-copy views from the buffer
         for u in self.units:
-            _release(u)
+            release(u)
         self.units = []
         for c in self.attached_to:
             # attach() marks the model with what it returned: this ParamSync

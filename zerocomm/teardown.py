@@ -1,0 +1,76 @@
+"""Tearing a handle down in an order that cannot hang or crash: after a
+failure (drain the comm worker), per unit (release the scheduler, stream and
+communicator, keeping gloo's buffers alive until last), and at interpreter
+exit (close what the user left open). Kept out of the runtime's main path."""
+from __future__ import annotations
+
+import atexit
+import weakref
+from typing import Any, cast
+
+from .sync_unit import SyncUnit
+
+# Handles still open at interpreter exit are closed first: a comm worker
+# thread left running into C++ static destruction aborts the process.
+_OPEN_HANDLES: "weakref.WeakSet[Any]" = weakref.WeakSet()  # ParamSync handles
+
+
+@atexit.register
+def _close_open_handles() -> None:
+    for handle in list(_OPEN_HANDLES):
+        try:
+            handle.close()  # joins the comm worker and the watchdog thread
+        except Exception:  # one handle's failure must not leave the others open
+            pass
+
+
+def register_open(handle: Any) -> None:
+    """`handle.close()` runs at interpreter exit unless the user closed it."""
+    _OPEN_HANDLES.add(handle)
+
+
+class _Closed:
+    """Stands in for the scheduler of a closed handle (the sharded optimizer
+    keeps its SyncUnits): any use raises instead of touching freed state."""
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError("this zerocomm handle is closed")
+
+
+def drain(u: SyncUnit, attempts: int = 3) -> None:
+    """After a failure, wait (GIL released) until the comm worker has left
+    the collective it may still be blocked in. After abort() the waits it
+    can be in end at once (c10d works, simulated hold, debug delay) -- except
+    gloo's reduce-scatter, which runs inside Work::wait and ends at the
+    private backend's timeout -- so this normally returns at the first
+    attempt; each attempt is bounded by the timeout, and the worker,
+    poisoned, skips what follows."""
+    for _ in range(attempts):
+        try:
+            u.sched.host_synchronize()
+            return
+        except Exception as e:
+            if "timed out" not in str(e):
+                return  # the worker reached the poisoned event: it is idle
+
+
+def release(u: SyncUnit) -> None:
+    """Destroy the scheduler, its comm stream and communicator now, in an
+    order that cannot deadlock.
+
+    Their destructors run under the GIL and join the gloo backend's threads.
+    A backend thread that drops the second-to-last reference to a tensor
+    that has a Python object must take the GIL (torch then releases the
+    PyObject): if that happens while this thread holds the GIL and joins it,
+    the process hangs forever -- seen right after a peer died, while gloo was
+    still freeing the failed work. The views in `sched.buffers` keep one
+    more C++ reference on every buffer gloo can hold (a view owns its base),
+    so gloo's threads never drop the second-to-last one; the views go last,
+    here, on this thread."""
+    sched = u.sched
+    keep = list(getattr(sched, "buffers", []))
+    u.sched = cast(Any, _Closed())
+    u.transport.stream = cast(Any, None)
+    u.transport.comm = cast(Any, None)
+    del sched  # ~SyncScheduler: joins the worker, then frees the communicator
+    keep.clear()
