@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -15,23 +14,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import guards
+from .grad_path import GradPath
 from .optimizer_state import consolidated_state_dict, load_consolidated_state_dict
-from .param_sync import ParamSync, SyncUnit
+from .param_sync import ParamSync
 from .plan import Plan
 from .shard_buffers import LocalParam, ShardBuffers
 from .shards import ShardPiece
 from .validate import all_params, check_elementwise
-
-
-@dataclass
-class GradState:
-    """Per unit: which gradient buckets are ready and how far we launched."""
-
-    order: list[int]  # fixed launch order, identical on every rank
-    pending: list[int]  # params still missing per bucket
-    launched: int = 0
-    bucket_of: dict[int, int] = field(default_factory=dict)  # id(param) -> bucket
-    fired: set[int] = field(default_factory=set)  # id(param) whose grad was handed over this step
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -87,19 +76,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._user_params_view = tuple(self._user_params)
         self._unplanned = [(names.get(id(p), f"param {i}"), p)
                            for i, p in enumerate(self._user_params) if id(p) not in planned]
-        self._grad_watch = guards.GradWatch()
-        self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s)
-                          for u in self.units]
-        self._has_grad: list[list[bool]] | None = None  # per unit, per plan param, this step
-        self._ddp: nn.Module | None = None  # the DDP wrapper whose all-reduce made this step's grads
         self._versions: list[int] = []
-        self._sync_grads = True
-        self._grads_ready = False
         self._grads_bound = False
         self._hooks: list[Any] = []
         self.buffers = ShardBuffers(self.units, self._index, self._group_of, master_dtype, self.device)
         self._locals: list[LocalParam] = self.buffers.locals()
-        self._grad_states = [self._arm_grad_hooks(ui, u) for ui, u in enumerate(self.units)]
+        self.grads = GradPath(self.units, self.buffers, average_grads)
         self.optim = self._build_local_optimizer(optimizer)
         self._pieces = tuple(ShardPiece(lp.index, lp.start, lp.numel, lp.group, lp.tensor) for lp in self._locals)
         self.defaults = self.optim.defaults
@@ -109,7 +91,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for c in chunks:
             self._hooks.append(c.register_load_state_dict_pre_hook(lambda *_: self.synchronize()))
             self._hooks.append(c.register_load_state_dict_post_hook(lambda *_: self.refresh_masters()))
-            self._hooks.append(c.register_forward_pre_hook(self._note_ddp))
+            self._hooks.append(c.register_forward_pre_hook(self.grads.note_forward))
             # model.state_dict() reads the parameters: the sync must have landed
             self._hooks.append(c.register_state_dict_pre_hook(lambda *_: self.synchronize()))
         self._record_versions()
@@ -124,19 +106,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{name}.zero_grad"
 
     # -- construction -----------------------------------------------------
-    def _arm_grad_hooks(self, ui: int, u: SyncUnit) -> GradState:
-        # Backward produces grads roughly in reverse forward order; the order
-        # is fixed so every rank issues the reductions identically.
-        plan = u.plan
-        st = GradState(order=list(reversed(range(len(plan.buckets)))),
-                       pending=[len(b.params) for b in plan.buckets])
-        for b in plan.buckets:
-            for i in b.params:
-                p = plan.params[i].param
-                st.bucket_of[id(p)] = b.index
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(ui, plan.params[i].name)))
-        return st
-
     def _build_local_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         groups = []
         for gi, g in enumerate(optimizer.param_groups):
@@ -158,67 +127,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return local
 
     # -- gradient path ----------------------------------------------------
-    def _make_grad_hook(self, ui: int, name: str) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            if not self._sync_grads or self._ddp is not None:
-                return  # accumulating, or DDP reduces: [Note: DDP-wrapped models]
-            st = self._grad_states[ui]
-            if id(p) in st.fired:
-                # Its bucket may already be reduced (read on the comm stream):
-                # the grad added now would silently be left out of the step.
-                raise RuntimeError(
-                    f"zerocomm: the gradient of {name!r} was accumulated again after it was "
-                    "handed to the reduction in this step; for gradient accumulation run "
-                    "every backward but the last inside zopt.no_sync()"
-                )
-            st.fired.add(id(p))
-            b = st.bucket_of[id(p)]
-            st.pending[b] -= 1
-            self._launch_ready(ui, flush=False)
-
-        return hook
-
-    def _launch_ready(self, ui: int, flush: bool) -> None:
-        u, st = self.units[ui], self._grad_states[ui]
-        while st.launched < len(st.order):
-            b = st.order[st.launched]
-            if st.pending[b] > 0 and not flush:
-                return
-            bucket = u.plan.buckets[b]
-            grads = []
-            for i in bucket.params:
-                spec = u.plan.params[i]
-                self._grad_watch.record(spec.name, spec.param)
-                g = spec.param.grad
-                grads.append(g.detach() if g is not None else torch.zeros_like(spec.param))
-            u.sched.reduce_grads(b, grads, self.average_grads)
-            st.launched += 1
-
     def _finish_grads(self) -> None:
-        """Launch what backward has not, make the compute stream wait, and
-        agree across ranks which parameters have a gradient this step."""
-        if self._grads_ready:
-            return
-        self._grads_ready = True
-        local = [[s.param.grad is not None for s in u.plan.params] for u in self.units]
-        if self._ddp is not None:
-            for ui in range(len(self.units)):
-                self.buffers.take_local_grads(ui)
-            self._has_grad = local  # DDP's all-reduce already made them agree
-            return
-        for ui, u in enumerate(self.units):
-            self._launch_ready(ui, flush=True)
-        for u in self.units:  # first: a dead peer is reported as the failed reduction it is
-            for b in range(len(u.plan.buckets)):
-                u.sched.wait_grad(b)
-        self._has_grad = [pres.agree(flags) for pres, flags in zip(self._presence, local)]
-        self._grad_watch.check()
-
-    def _note_ddp(self, module: nn.Module, args: object) -> None:
-        ddp = guards.active_ddp(module)
-        if ddp is not None and ddp is not self._ddp:
-            guards.check_ddp(ddp, [u.group for u in self.units], self.average_grads)
-        self._ddp = ddp
+        self.grads.finish()
 
     def _bind_grads(self) -> None:
         """Point every local tensor's .grad at its reduced gradient (once per
@@ -226,8 +136,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._grads_bound:
             return
         self._grads_bound = True
-        assert self._has_grad is not None  # set by _finish_grads
-        self.buffers.bind_grads(self._has_grad)
+        self.buffers.bind_grads(self.grads.finish())
 
     def _local_grads(self) -> list[torch.Tensor]:
         return [lp.tensor.grad for lp in self._locals if lp.tensor.grad is not None]
@@ -236,11 +145,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def no_sync(self) -> Iterator[None]:
         """Gradient accumulation: backward passes inside do not communicate;
         the first backward outside reduces the accumulated gradients."""
-        old, self._sync_grads = self._sync_grads, False
+        old, self.grads.sync_grads = self.grads.sync_grads, False
         try:
             yield
         finally:
-            self._sync_grads = old
+            self.grads.sync_grads = old
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip by the true global gradient norm across all shards (as
@@ -355,15 +264,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _reset_grad_state(self) -> None:
         """Unbind the reduction buffers from the local tensors (a model
         parameter gets its own grad back) and re-arm the bucket counters."""
-        for ui, u in enumerate(self.units):
-            st = self._grad_states[ui]
-            st.launched = 0
-            st.pending = [len(b.params) for b in u.plan.buckets]
-            st.fired.clear()
-        self._grad_watch.clear()
-        self._has_grad = None
+        self.grads.reset()
         self.buffers.unbind_grads()
-        self._grads_ready = False
         self._grads_bound = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -450,8 +352,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for pres in self._presence:
-            pres.close()
+        self.grads.close()
         self.sync.close()
 
     @property
