@@ -59,11 +59,12 @@ gpu-check:
 gpu-check-dry-run: setup
 	ZEROCOMM_PY=$(abspath $(PYTHON)) benchmarks/gpu_suite.sh --dry-run
 
-# Style and types: ruff (lint) on the Python tree, mypy on zerocomm/ (against
+# Style and types: ruff (lint + format) on the Python tree, mypy on zerocomm/ (against
 # zerocomm/_C.pyi), clang-format on csrc/. The same checks run from
 # .pre-commit-config.yaml.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/clang-format --dry-run -Werror csrc/*.h csrc/*.cpp csrc/*.cu csrc/tests/*.cpp
 

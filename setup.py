@@ -1,5 +1,6 @@
 """Builds zerocomm._C: a CUDAExtension when torch is a CUDA build and nvcc is
 found (CUDA_HOME, default /usr/local/cuda), else a CppExtension."""
+
 import os
 from pathlib import Path
 
@@ -29,11 +30,7 @@ def nvidia_dir(name: str) -> Path:
     raise RuntimeError(f"torch's nvidia-{name} package is missing; reinstall torch==2.14.1")
 
 
-use_cuda = (
-    torch.version.cuda is not None
-    and nvcc_found()
-    and os.environ.get("ZEROCOMM_FORCE_CPU", "0") != "1"
-)
+use_cuda = torch.version.cuda is not None and nvcc_found() and os.environ.get("ZEROCOMM_FORCE_CPU", "0") != "1"
 if os.environ.get("ZEROCOMM_REQUIRE_CUDA") == "1" and not use_cuda:
     raise RuntimeError(
         "ZEROCOMM_REQUIRE_CUDA=1 but the CUDA path is off: need a CUDA build of torch "
@@ -86,8 +83,7 @@ else:
         extra_compile_args={"cxx": cxx_flags},
     )
 
-print(f"zerocomm: building {'CUDAExtension' if use_cuda else 'CppExtension'} "
-      f"against torch {torch_version}", flush=True)
+print(f"zerocomm: building {'CUDAExtension' if use_cuda else 'CppExtension'} against torch {torch_version}", flush=True)
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 
 setup(

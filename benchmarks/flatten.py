@@ -21,6 +21,7 @@ baseline  copy            one dst.copy_(src) of the same total bytes: the device
 GB/s counts the payload once (sum of the tensors' bytes / time), not read+write.
 Each method is checked for a correct result once before it is timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -161,12 +162,24 @@ def expected_launches(device: str, op: str, method: str, numels: list[int]) -> t
         table = {
             ("flatten", "zerocomm"): (2, "1 copy kernel + 1 H2D copy of the pointer table"),
             ("flatten", "zerocomm_alloc"): (3, "1 copy kernel + 1 H2D table copy + 1 zero-fill"),
-            ("flatten", "cat"): (math.ceil(n / 128), "torch's CUDA cat batches inputs (128 per launch in recent torch)"),
-            ("flatten", "cat_out"): (math.ceil(n / 128), "torch's CUDA cat batches inputs (128 per launch in recent torch)"),
-            ("flatten", "foreach"): (foreach_launches_cuda(numels), "multi_tensor_apply: <=64 tensors, <=320 chunks of 64K elements per launch"),
+            ("flatten", "cat"): (
+                math.ceil(n / 128),
+                "torch's CUDA cat batches inputs (128 per launch in recent torch)",
+            ),
+            ("flatten", "cat_out"): (
+                math.ceil(n / 128),
+                "torch's CUDA cat batches inputs (128 per launch in recent torch)",
+            ),
+            ("flatten", "foreach"): (
+                foreach_launches_cuda(numels),
+                "multi_tensor_apply: <=64 tensors, <=320 chunks of 64K elements per launch",
+            ),
             ("unflatten", "zerocomm"): (2, "1 copy kernel + 1 H2D copy of the pointer table"),
             ("unflatten", "cat"): (n, "one copy_ per tensor"),
-            ("unflatten", "foreach"): (foreach_launches_cuda(numels), "multi_tensor_apply: <=64 tensors, <=320 chunks of 64K elements per launch"),
+            ("unflatten", "foreach"): (
+                foreach_launches_cuda(numels),
+                "multi_tensor_apply: <=64 tensors, <=320 chunks of 64K elements per launch",
+            ),
             ("unflatten", "split_copy"): (1, "split_with_sizes_copy's fused CUDA kernel"),
         }
     else:
@@ -187,9 +200,8 @@ def expected_launches(device: str, op: str, method: str, numels: list[int]) -> t
 # ------------------------------------------------------------------ one grid point
 
 
-def make_methods(ts: list[torch.Tensor], dst: list[torch.Tensor], flat: torch.Tensor,
-                 layout) -> tuple[dict, dict]:
-    views = [flat[o:o + n] for o, n in zip(layout.offsets, layout.numels)]
+def make_methods(ts: list[torch.Tensor], dst: list[torch.Tensor], flat: torch.Tensor, layout) -> tuple[dict, dict]:
+    views = [flat[o : o + n] for o, n in zip(layout.offsets, layout.numels)]
     flat_ts = [t.view(-1) for t in ts]
     flat_dst = [t.view(-1) for t in dst]
     sizes = list(layout.numels)
@@ -224,14 +236,18 @@ def make_methods(ts: list[torch.Tensor], dst: list[torch.Tensor], flat: torch.Te
     def un_split():
         torch.split_with_sizes_copy(packed, sizes, out=flat_dst)
 
-    flatten = {"zerocomm": fl_zerocomm, "zerocomm_alloc": fl_zerocomm_alloc, "cat": fl_cat,
-               "cat_out": fl_cat_out, "foreach": fl_foreach}
+    flatten = {
+        "zerocomm": fl_zerocomm,
+        "zerocomm_alloc": fl_zerocomm_alloc,
+        "cat": fl_cat,
+        "cat_out": fl_cat_out,
+        "foreach": fl_foreach,
+    }
     unflatten = {"zerocomm": un_zerocomm, "cat": un_cat, "foreach": un_foreach, "split_copy": un_split}
     return flatten, unflatten
 
 
-def run_point(device: str, count: int, size: int, timer: Timer, profile: bool,
-              copy_cache: dict) -> list[dict]:
+def run_point(device: str, count: int, size: int, timer: Timer, profile: bool, copy_cache: dict) -> list[dict]:
     numel = size // 4
     gen = torch.Generator(device=device).manual_seed(count * 7919 + size)
     ts = [torch.rand(numel, device=device, generator=gen) for _ in range(count)]
@@ -250,10 +266,18 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool,
         med, best = statistics.median(times), min(times)
         exp, note = expected_launches(device, op, method, list(layout.numels))
         row = {
-            "op": op, "method": method, "count": count, "tensor_bytes": size, "total_bytes": total,
-            "runs": len(times), "median_s": med, "best_s": best,
-            "gbps": total / med / 1e9, "gbps_best": total / best / 1e9,
-            "launches_expected": exp, "launches_expected_note": note,
+            "op": op,
+            "method": method,
+            "count": count,
+            "tensor_bytes": size,
+            "total_bytes": total,
+            "runs": len(times),
+            "median_s": med,
+            "best_s": best,
+            "gbps": total / med / 1e9,
+            "gbps_best": total / best / 1e9,
+            "launches_expected": exp,
+            "launches_expected_note": note,
             "launches_measured": None,
             # _flatten_dense_tensors returns a view of a single tensor: nothing is copied.
             "zero_copy": zero_copy,
@@ -289,8 +313,13 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool,
         out = torch.empty_like(src)
         times = timer(lambda: out.copy_(src))
         med = statistics.median(times)
-        copy_cache[total] = {"total_bytes": total, "median_s": med, "best_s": min(times),
-                             "gbps": total / med / 1e9, "runs": len(times)}
+        copy_cache[total] = {
+            "total_bytes": total,
+            "median_s": med,
+            "best_s": min(times),
+            "gbps": total / med / 1e9,
+            "runs": len(times),
+        }
         del out
     base = copy_cache[total]["gbps"]
     for r in rows:
@@ -333,16 +362,24 @@ def print_tables(rows: list[dict], copies: dict) -> None:
         for count, size in points:
             cells = []
             for m in methods:
-                r = next((r for r in rows if r["op"] == op and r["method"] == m
-                          and r["count"] == count and r["tensor_bytes"] == size), None)
+                r = next(
+                    (
+                        r
+                        for r in rows
+                        if r["op"] == op and r["method"] == m and r["count"] == count and r["tensor_bytes"] == size
+                    ),
+                    None,
+                )
                 if r is None:
                     cells.append(f" {'-':>15}")
                 elif r["zero_copy"]:
                     cells.append(f" {'view, no copy':>15}")
                 else:
                     cells.append(f" {r['gbps']:7.2f} ({r['ratio_to_copy']:4.2f})")
-            print(f"{count:>6} {human_bytes(size):>6} {human_bytes(count * size):>7} "
-                  f"{copies[count * size]['gbps']:7.2f} |" + "".join(cells))
+            print(
+                f"{count:>6} {human_bytes(size):>6} {human_bytes(count * size):>7} "
+                f"{copies[count * size]['gbps']:7.2f} |" + "".join(cells)
+            )
 
 
 def plot(rows: list[dict], copies: dict, path: Path, title: str) -> None:
@@ -352,8 +389,14 @@ def plot(rows: list[dict], copies: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    colors = {"zerocomm": "C3", "zerocomm_alloc": "C1", "cat": "C0", "cat_out": "C9",
-              "foreach": "C2", "split_copy": "C4"}
+    colors = {
+        "zerocomm": "C3",
+        "zerocomm_alloc": "C1",
+        "cat": "C0",
+        "cat_out": "C9",
+        "foreach": "C2",
+        "split_copy": "C4",
+    }
     sizes = sorted({r["tensor_bytes"] for r in rows})
     markers = dict(zip(sizes, ["o", "s", "^", "D", "v", "P", "X"]))
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
@@ -362,12 +405,21 @@ def plot(rows: list[dict], copies: dict, path: Path, title: str) -> None:
         ax.plot(cx, [copies[x]["gbps"] for x in cx], "k--", lw=1.5, label="one copy_ (same bytes)")
         for m in methods:
             for s in sizes:
-                pts = sorted((r["total_bytes"], r["gbps"]) for r in rows
-                             if r["op"] == op and r["method"] == m and r["tensor_bytes"] == s
-                             and not r["zero_copy"])
+                pts = sorted(
+                    (r["total_bytes"], r["gbps"])
+                    for r in rows
+                    if r["op"] == op and r["method"] == m and r["tensor_bytes"] == s and not r["zero_copy"]
+                )
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[m],
-                            marker=markers[s], lw=1, ms=5, alpha=0.85)
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        color=colors[m],
+                        marker=markers[s],
+                        lw=1,
+                        ms=5,
+                        alpha=0.85,
+                    )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("total bytes copied")
@@ -375,8 +427,9 @@ def plot(rows: list[dict], copies: dict, path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         handles = [Line2D([], [], color="k", ls="--", label="one copy_ (same bytes)")]
         handles += [Line2D([], [], color=colors[m], label=m) for m in methods]
-        handles += [Line2D([], [], color="gray", marker=markers[s], ls="", label=f"{human_bytes(s)} tensors")
-                    for s in sizes]
+        handles += [
+            Line2D([], [], color="gray", marker=markers[s], ls="", label=f"{human_bytes(s)} tensors") for s in sizes
+        ]
         ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.6)
     axes[0].set_ylabel("GB/s (payload bytes / median time)")
     fig.suptitle(title)
@@ -394,10 +447,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="output folder")
     p.add_argument("--iters", type=int, default=30, help="timed runs per method (fewer when --budget-s runs out)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="time budget per method and grid point (default 0.6 s cpu, 0.3 s cuda); at least 5 runs")
-    p.add_argument("--max-total-mb", type=float, default=None,
-                   help="skip grid points above this many MB (default 512 cuda, 256 cpu)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="time budget per method and grid point (default 0.6 s cpu, 0.3 s cuda); at least 5 runs",
+    )
+    p.add_argument(
+        "--max-total-mb",
+        type=float,
+        default=None,
+        help="skip grid points above this many MB (default 512 cuda, 256 cpu)",
+    )
     p.add_argument("--quick", action="store_true", help="small grid")
     p.add_argument("--no-profile", action="store_true", help="cuda: do not count launches with torch.profiler")
     args = p.parse_args(argv)
@@ -418,12 +479,16 @@ def main(argv=None) -> int:
 
     info = machine_info(device)
     load = info.get("loadavg_at_start", [0])[0]
-    print(f"zerocomm flatten benchmark on {device}: {info['device_name']}, torch {info['torch_version']}, "
-          f"{info['cpu_count']} cpus, {info['torch_num_threads']} torch threads")
+    print(
+        f"zerocomm flatten benchmark on {device}: {info['device_name']}, torch {info['torch_version']}, "
+        f"{info['cpu_count']} cpus, {info['torch_num_threads']} torch threads"
+    )
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"WARNING: load average {load:.2f} at start: other work is running, figures will be noisy")
-    print(f"{len(grid)} grid points (skipped above {human_bytes(int(max_total))}: "
-          f"{', '.join(f'{c}x{human_bytes(s)}' for c, s in skipped) or 'none'})")
+    print(
+        f"{len(grid)} grid points (skipped above {human_bytes(int(max_total))}: "
+        f"{', '.join(f'{c}x{human_bytes(s)}' for c, s in skipped) or 'none'})"
+    )
 
     timer = Timer(device, args.iters, args.warmup, budget)
     rows: list[dict] = []
@@ -432,8 +497,11 @@ def main(argv=None) -> int:
     for count, size in grid:
         t0 = time.perf_counter()
         rows += run_point(device, count, size, timer, not args.no_profile, copies)
-        print(f"  {count:>6} x {human_bytes(size):>5} = {human_bytes(count * size):>6}  "
-              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"  {count:>6} x {human_bytes(size):>5} = {human_bytes(count * size):>6}  "
+            f"({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
         if device == "cuda":
             torch.cuda.empty_cache()
     scaling = None
@@ -444,8 +512,11 @@ def main(argv=None) -> int:
     print_tables(rows, copies)
 
     def get(op, method, count, size):
-        return next(r for r in rows if r["op"] == op and r["method"] == method
-                    and r["count"] == count and r["tensor_bytes"] == size)
+        return next(
+            r
+            for r in rows
+            if r["op"] == op and r["method"] == method and r["count"] == count and r["tensor_bytes"] == size
+        )
 
     hz = get("flatten", "zerocomm", *HEADLINE)
     hza = get("flatten", "zerocomm_alloc", *HEADLINE)
@@ -456,13 +527,17 @@ def main(argv=None) -> int:
     ratio = hz["gbps"] / hc["gbps"]
     print()
     print(f"1000 x 4KB flatten: zerocomm {hz['gbps']:.2f} GB/s, torch.cat {hc['gbps']:.2f} GB/s, ratio {ratio:.2f}")
-    print(f"  (zerocomm allocating its buffer: {hza['gbps']:.2f} GB/s, ratio {hza['gbps'] / hc['gbps']:.2f}; "
-          f"_foreach_copy_ {hf['gbps']:.2f} GB/s; one 4MB copy_ {copies[HEADLINE[0] * HEADLINE[1]]['gbps']:.2f} GB/s)")
+    print(
+        f"  (zerocomm allocating its buffer: {hza['gbps']:.2f} GB/s, ratio {hza['gbps'] / hc['gbps']:.2f}; "
+        f"_foreach_copy_ {hf['gbps']:.2f} GB/s; one 4MB copy_ {copies[HEADLINE[0] * HEADLINE[1]]['gbps']:.2f} GB/s)"
+    )
     print(f"1000 x 4KB unflatten: zerocomm {hu['gbps']:.2f} GB/s, split_with_sizes_copy {hus['gbps']:.2f} GB/s")
     if scaling:
         n = scaling["threads"]
-        print(f"CPU thread scaling, 16 x 1MB flatten, 1 -> {n} threads: zerocomm x{scaling['zerocomm_speedup']:.2f}, "
-              f"copy_ x{scaling['copy_speedup']:.2f}")
+        print(
+            f"CPU thread scaling, 16 x 1MB flatten, 1 -> {n} threads: zerocomm x{scaling['zerocomm_speedup']:.2f}, "
+            f"copy_ x{scaling['copy_speedup']:.2f}"
+        )
         if scaling["zerocomm_speedup"] < 1.2 <= scaling["copy_speedup"]:
             print("NOTE: zerocomm's CPU copy does not use torch's intra-op threads (single-threaded), copy_ does")
     if ratio < 1.0:
@@ -480,21 +555,32 @@ def main(argv=None) -> int:
         "benchmark": "flatten",
         "machine": info,
         "config": {
-            "device": device, "dtype": "float32", "align_bytes": 16, "iters": args.iters,
-            "warmup": args.warmup, "budget_s_per_method": budget, "max_total_bytes": int(max_total),
-            "quick": args.quick, "grid": [list(g) for g in grid], "skipped": [list(g) for g in skipped],
+            "device": device,
+            "dtype": "float32",
+            "align_bytes": 16,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "budget_s_per_method": budget,
+            "max_total_bytes": int(max_total),
+            "quick": args.quick,
+            "grid": [list(g) for g in grid],
+            "skipped": [list(g) for g in skipped],
             "elapsed_s": round(elapsed, 1),
         },
         "definitions": {
             "gbps": "payload bytes (sum of tensor bytes, counted once) / median time / 1e9",
             "gbps_best": "the same with the best (minimum) time",
             "ratio_to_copy": "gbps / gbps of one contiguous copy_ of the same total bytes, same run",
-            "timing": ("cuda: torch.cuda.Event around each call on an idle, synchronized GPU (host work "
-                       "inside the call is included); cpu: time.perf_counter around each call"),
+            "timing": (
+                "cuda: torch.cuda.Event around each call on an idle, synchronized GPU (host work "
+                "inside the call is included); cpu: time.perf_counter around each call"
+            ),
             "launches_expected": "known/estimated number of kernels or ops per call, not measured",
             "launches_measured": "cuda only: kernels/memcpy/memset counted by torch.profiler for one call",
-            "zero_copy": ("true when the result shares storage with an input (torch's "
-                          "_flatten_dense_tensors of ONE tensor returns a view): its gbps is meaningless"),
+            "zero_copy": (
+                "true when the result shares storage with an input (torch's "
+                "_flatten_dense_tensors of ONE tensor returns a view): its gbps is meaningless"
+            ),
             "methods": {
                 "flatten/zerocomm": "zerocomm.flatten(ts, out=flat, layout=layout)",
                 "flatten/zerocomm_alloc": "zerocomm.flatten(ts, layout=layout) (allocates a zeroed buffer)",
@@ -508,8 +594,12 @@ def main(argv=None) -> int:
             },
         },
         "headline": {
-            "case": "1000 x 4KB flatten", "zerocomm_gbps": hz["gbps"], "zerocomm_alloc_gbps": hza["gbps"],
-            "cat_gbps": hc["gbps"], "ratio_zerocomm_to_cat": ratio, "foreach_gbps": hf["gbps"],
+            "case": "1000 x 4KB flatten",
+            "zerocomm_gbps": hz["gbps"],
+            "zerocomm_alloc_gbps": hza["gbps"],
+            "cat_gbps": hc["gbps"],
+            "ratio_zerocomm_to_cat": ratio,
+            "foreach_gbps": hf["gbps"],
             "copy_gbps": copies[HEADLINE[0] * HEADLINE[1]]["gbps"],
         },
         "cpu_thread_scaling": scaling,
@@ -517,8 +607,12 @@ def main(argv=None) -> int:
         "results": rows,
     }
     json_path.write_text(json.dumps(doc, indent=1))
-    plot(rows, copies, png_path,
-         f"flatten / unflatten fp32 on {info['device_name']} ({device}), torch {info['torch_version']}")
+    plot(
+        rows,
+        copies,
+        png_path,
+        f"flatten / unflatten fp32 on {info['device_name']} ({device}), torch {info['torch_version']}",
+    )
     print(f"\nwrote {json_path}\nwrote {png_path}\n({elapsed:.0f} s)")
     return 0
 

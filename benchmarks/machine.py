@@ -1,4 +1,5 @@
 """Machine description stored with every benchmark's JSON."""
+
 from __future__ import annotations
 
 import datetime as _dt

@@ -7,6 +7,7 @@
 The variants, what is measured and the outputs: `--help`, or the docstring of
 benchmarks/_bench/overlap/__init__.py, where the code lives.
 """
+
 from __future__ import annotations
 
 import os

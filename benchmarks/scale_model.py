@@ -51,6 +51,7 @@ zerocomm ParamSync launch()+synchronize(), median) within 25%.
 
 Writes scale_model.json and scale_model.png to --out (default benchmarks/out/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,8 @@ from machine import machine_info  # noqa: E402
 from zerocomm.testing.launch import spawn_gloo_ranks  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
-SIZES = [2 ** k for k in range(12, 25)]  # 4 KB .. 16 MB, every power of two
-WORLDS = [2 ** k for k in range(3, 13)]  # 8 .. 4096
+SIZES = [2**k for k in range(12, 25)]  # 4 KB .. 16 MB, every power of two
+WORLDS = [2**k for k in range(3, 13)]  # 8 .. 4096
 ALIGN_BYTES = 16
 
 # name: (family, d_model, layers, ffn, vocab, kv_dim, tied, seq)
@@ -88,13 +89,20 @@ MODELS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/out")
-    ap.add_argument("--calibration", default=None,
-                    help="JSON with alpha_bcast_s, beta_bcast_Bps, alpha_ag_s, beta_ag_Bps, copy_Bps "
-                         "(e.g. the 'calibration' object of a previous scale_model.json): skip measuring")
+    ap.add_argument(
+        "--calibration",
+        default=None,
+        help="JSON with alpha_bcast_s, beta_bcast_Bps, alpha_ag_s, beta_ag_Bps, copy_Bps "
+        "(e.g. the 'calibration' object of a previous scale_model.json): skip measuring",
+    )
     ap.add_argument("--no-validate", action="store_true", help="skip the measured 2-rank validation")
     ap.add_argument("--reps", type=int, default=6, help="back-to-back repetitions per message size (x4 for small ones)")
-    ap.add_argument("--rounds", type=int, default=11,
-                    help="measurement rounds (sweep + validation sync, interleaved); medians over rounds")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=11,
+        help="measurement rounds (sweep + validation sync, interleaved); medians over rounds",
+    )
     ap.add_argument("--val-reps", type=int, default=8, help="back-to-back TinyGPT syncs per round")
     # GPU profile (assumed figures unless given: 400 Gb/s-class IB per GPU, NCCL ring)
     ap.add_argument("--gpu-alpha-us", type=float, default=10.0, help="per-hop latency of the GPU profile")
@@ -113,8 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--cpu-bucket-mb", type=float, default=1.0, help="bucket cap of the validation run")
-    ap.add_argument("--overlap-json", default=None,
-                    help="overlap_cpu.json to compare with too (default: --out/overlap_cpu.json if present)")
+    ap.add_argument(
+        "--overlap-json",
+        default=None,
+        help="overlap_cpu.json to compare with too (default: --out/overlap_cpu.json if present)",
+    )
     return ap.parse_args(argv)
 
 
@@ -206,8 +217,9 @@ def allgather_buckets(block_bytes: list[int], cap: float, n: int) -> list[tuple[
     return [(int(math.ceil(b / unit) * unit), ks) for b, ks in buckets]
 
 
-def broadcast_launches(tensor_bytes: list[int], tensor_block: list[int], cap: float,
-                       n: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+def broadcast_launches(
+    tensor_bytes: list[int], tensor_block: list[int], cap: float, n: int
+) -> tuple[list[tuple[int, list[int]]], list[int]]:
     """Launches (bytes, blocks) in forward order and per-rank owned bytes, with zerocomm's
     balanced contiguous partition of whole tensors. cap = inf: one launch per rank's shard."""
     from zerocomm.partition import balanced_partition
@@ -282,9 +294,14 @@ def predict(name: str, n: int, cal: dict, prof: dict) -> dict:
     ag_blocks = [ks for _, ks in ag]
     ag_exposed = pipeline_exposed(ag_t, _with_tied(ag_blocks, blocks), fwd)
     ag_bytes = sum((n - 1) / n * x for x, _ in ag)
-    out["allgather"] = {"sync_s": sum(ag_t), "exposed_s": ag_exposed,
-                        "exposed_simple_s": max(0.0, sum(ag_t) - sum(fwd)),
-                        "launches": len(ag), "bytes_per_rank": ag_bytes, "bytes_over_lower_bound": ag_bytes / lower}
+    out["allgather"] = {
+        "sync_s": sum(ag_t),
+        "exposed_s": ag_exposed,
+        "exposed_simple_s": max(0.0, sum(ag_t) - sum(fwd)),
+        "launches": len(ag),
+        "bytes_per_rank": ag_bytes,
+        "bytes_over_lower_bound": ag_bytes / lower,
+    }
     # broadcast mode
     tb, tblk = [], []
     for k, ts in enumerate(blocks):
@@ -296,22 +313,33 @@ def predict(name: str, n: int, cal: dict, prof: dict) -> dict:
         bc_t = [t_broadcast(x, n, cal["alpha_bcast_s"], cal["beta_bcast_Bps"], cal["copy_Bps"], lat) for x, _ in bc]
         bc_exposed = pipeline_exposed(bc_t, _with_tied([ks for _, ks in bc], blocks), fwd)
         recv_max = S - min(per_rank)
-        out[key] = {"sync_s": sum(bc_t), "exposed_s": bc_exposed,
-                    "exposed_simple_s": max(0.0, sum(bc_t) - sum(fwd)),
-                    "launches": len(bc), "bytes_per_rank": recv_max, "bytes_over_lower_bound": recv_max / lower,
-                    "max_shard_over_mean": max(per_rank) / (S / n), "ranks_owning_nothing": per_rank.count(0)}
+        out[key] = {
+            "sync_s": sum(bc_t),
+            "exposed_s": bc_exposed,
+            "exposed_simple_s": max(0.0, sum(bc_t) - sum(fwd)),
+            "launches": len(bc),
+            "bytes_per_rank": recv_max,
+            "bytes_over_lower_bound": recv_max / lower,
+            "max_shard_over_mean": max(per_rank) / (S / n),
+            "ranks_owning_nothing": per_rank.count(0),
+        }
     # reduce-scatter (grads) + all-gather (params)
-    rs_t = [t_reduce_scatter(x / b * gb, n, cal["alpha_ag_s"], cal["beta_ag_Bps"], cal["copy_Bps"], lat)
-            for x, _ in ag]
+    rs_t = [t_reduce_scatter(x / b * gb, n, cal["alpha_ag_s"], cal["beta_ag_Bps"], cal["copy_Bps"], lat) for x, _ in ag]
     rs_exposed = grad_exposed(rs_t, ag_blocks, bwd)
     rs_bytes = sum((n - 1) / n * x / b * gb for x, _ in ag)
-    out["rs_ag"] = {"sync_s": sum(rs_t) + sum(ag_t), "grad_s": sum(rs_t), "exposed_s": rs_exposed + ag_exposed,
-                    "exposed_simple_s": max(0.0, sum(rs_t) - sum(bwd)) + max(0.0, sum(ag_t) - sum(fwd)),
-                    "launches": 2 * len(ag), "bytes_per_rank": rs_bytes + ag_bytes,
-                    "bytes_over_lower_bound": (rs_bytes + ag_bytes) / lower}
+    out["rs_ag"] = {
+        "sync_s": sum(rs_t) + sum(ag_t),
+        "grad_s": sum(rs_t),
+        "exposed_s": rs_exposed + ag_exposed,
+        "exposed_simple_s": max(0.0, sum(rs_t) - sum(bwd)) + max(0.0, sum(ag_t) - sum(fwd)),
+        "launches": 2 * len(ag),
+        "bytes_per_rank": rs_bytes + ag_bytes,
+        "bytes_over_lower_bound": (rs_bytes + ag_bytes) / lower,
+    }
     out["winner_sync"] = "allgather" if out["allgather"]["sync_s"] <= out["broadcast"]["sync_s"] else "broadcast"
-    out["winner_exposed"] = ("allgather" if out["allgather"]["exposed_s"] <= out["broadcast"]["exposed_s"]
-                             else "broadcast")
+    out["winner_exposed"] = (
+        "allgather" if out["allgather"]["exposed_s"] <= out["broadcast"]["exposed_s"] else "broadcast"
+    )
     return out
 
 
@@ -354,8 +382,9 @@ def fit_calibration(rows: list[dict], world: int, copy_Bps: float) -> dict:
     """alpha/beta of broadcast and all-gather from (bytes, seconds) rows, formulas of the docstring."""
     N = world
     a_b, b_b = _fit([lat_steps(N, "ring")] * len(rows), [r["bytes"] for r in rows], [r["broadcast_s"] for r in rows])
-    a_g, b_g = _fit([lat_steps(N, "ring")] * len(rows), [(N - 1) / N * r["bytes"] for r in rows],
-                    [r["allgather_s"] for r in rows])
+    a_g, b_g = _fit(
+        [lat_steps(N, "ring")] * len(rows), [(N - 1) / N * r["bytes"] for r in rows], [r["allgather_s"] for r in rows]
+    )
     cal = {"alpha_bcast_s": a_b, "beta_bcast_Bps": b_b, "alpha_ag_s": a_g, "beta_ag_Bps": b_g, "copy_Bps": copy_Bps}
     for r in rows:
         r["broadcast_fit_s"] = t_broadcast(r["bytes"], N, a_b, b_b, math.inf, "ring")
@@ -411,12 +440,20 @@ def tinygpt_allgather_prediction(args: argparse.Namespace, world: int, cal: dict
 
     model = TinyGPT(vocab=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads, seq=args.seq)
     plan = build_plan(model, mode="allgather", world_size=world, bucket_mb=args.cpu_bucket_mb)
-    ts = [t_allgather(b.nbytes, world, cal["alpha_ag_s"], cal["beta_ag_Bps"], cal["copy_Bps"], "ring")
-          for b in plan.buckets]
-    comm_only = [t_allgather(b.nbytes, world, cal["alpha_ag_s"], cal["beta_ag_Bps"], math.inf, "ring")
-                 for b in plan.buckets]
-    return {"predicted_s": sum(ts), "predicted_comm_only_s": sum(comm_only), "n_buckets": len(plan.buckets),
-            "bytes": sum(b.nbytes for b in plan.buckets), "params": plan.total_numel}
+    ts = [
+        t_allgather(b.nbytes, world, cal["alpha_ag_s"], cal["beta_ag_Bps"], cal["copy_Bps"], "ring")
+        for b in plan.buckets
+    ]
+    comm_only = [
+        t_allgather(b.nbytes, world, cal["alpha_ag_s"], cal["beta_ag_Bps"], math.inf, "ring") for b in plan.buckets
+    ]
+    return {
+        "predicted_s": sum(ts),
+        "predicted_comm_only_s": sum(comm_only),
+        "n_buckets": len(plan.buckets),
+        "bytes": sum(b.nbytes for b in plan.buckets),
+        "params": plan.total_numel,
+    }
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> list[dict] | None:
@@ -442,6 +479,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> list[dict] | Non
         if not args.calibration:
             rnd["sweep"] = measure_sweep(world, rank, args.reps)
         if sync is not None:
+
             def one() -> None:
                 sync.launch()
                 sync.synchronize()
@@ -478,11 +516,16 @@ def plot(rep: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(20, 11))
 
     def heat(ax, g, key, title):
-        ratio = np.array([[g[m][str(n)]["broadcast"][key] / max(g[m][str(n)]["allgather"][key], 1e-12)
-                           for n in WORLDS] for m in models])
+        ratio = np.array(
+            [
+                [g[m][str(n)]["broadcast"][key] / max(g[m][str(n)]["allgather"][key], 1e-12) for n in WORLDS]
+                for m in models
+            ]
+        )
         lr = np.log10(np.clip(ratio, 1e-3, 1e6))
-        im = ax.imshow(lr, cmap="coolwarm", norm=TwoSlopeNorm(0.0, min(lr.min(), -0.5), max(lr.max(), 0.5)),
-                       aspect="auto")
+        im = ax.imshow(
+            lr, cmap="coolwarm", norm=TwoSlopeNorm(0.0, min(lr.min(), -0.5), max(lr.max(), 0.5)), aspect="auto"
+        )
         for i, m in enumerate(models):
             for j, n in enumerate(WORLDS):
                 r = ratio[i, j]
@@ -500,23 +543,43 @@ def plot(rep: dict, path: Path) -> None:
 
     gpu, cpu = rep["grid_gpu"], rep["grid_cpu_measured"]
     p = rep["gpu_profile"]
-    heat(axes[0, 0], gpu, "sync_s",
-         f"GPU profile: param-sync time, winner (AG = allgather, BC = broadcast) and margin\n"
-         f"alpha {p['alpha_s'] * 1e6:.0f} us, beta {p['beta_Bps'] / 1e9:.0f} GB/s, {p['latency_model']} latency, "
-         f"bucket {p['bucket_mb']:g} MiB, {p['param_bytes']} B/param")
+    heat(
+        axes[0, 0],
+        gpu,
+        "sync_s",
+        f"GPU profile: param-sync time, winner (AG = allgather, BC = broadcast) and margin\n"
+        f"alpha {p['alpha_s'] * 1e6:.0f} us, beta {p['beta_Bps'] / 1e9:.0f} GB/s, {p['latency_model']} latency, "
+        f"bucket {p['bucket_mb']:g} MiB, {p['param_bytes']} B/param",
+    )
     c = rep["calibration"]
-    heat(axes[1, 0], cpu, "sync_s",
-         f"measured CPU/gloo alpha-beta (alpha_ag {c['alpha_ag_s'] * 1e6:.0f} us, beta_ag "
-         f"{c['beta_ag_Bps'] / 1e9:.2f} GB/s): param-sync winner")
+    heat(
+        axes[1, 0],
+        cpu,
+        "sync_s",
+        f"measured CPU/gloo alpha-beta (alpha_ag {c['alpha_ag_s'] * 1e6:.0f} us, beta_ag "
+        f"{c['beta_ag_Bps'] / 1e9:.2f} GB/s): param-sync winner",
+    )
 
     ax = axes[0, 1]
     colors = {"broadcast": "#c44e52", "allgather": "#4c72b0", "rs_ag": "#55a868", "broadcast_bucketed": "#dd8452"}
     for m, ls in (("7B", "-"), ("125M", ":")):
         for mode in ("broadcast", "allgather", "rs_ag"):
-            ax.plot(WORLDS, [gpu[m][str(n)][mode]["sync_s"] for n in WORLDS], ls, color=colors[mode],
-                    label=f"{m} {mode} sync")
-            ax.plot(WORLDS, [max(gpu[m][str(n)][mode]["exposed_s"], 1e-6) for n in WORLDS], ls, marker="x",
-                    color=colors[mode], alpha=0.5, label=f"{m} {mode} exposed")
+            ax.plot(
+                WORLDS,
+                [gpu[m][str(n)][mode]["sync_s"] for n in WORLDS],
+                ls,
+                color=colors[mode],
+                label=f"{m} {mode} sync",
+            )
+            ax.plot(
+                WORLDS,
+                [max(gpu[m][str(n)][mode]["exposed_s"], 1e-6) for n in WORLDS],
+                ls,
+                marker="x",
+                color=colors[mode],
+                alpha=0.5,
+                label=f"{m} {mode} exposed",
+            )
         ax.axhline(gpu[m]["8"]["forward_s"], color="black", ls=ls, lw=1, label=f"{m} forward")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -527,57 +590,87 @@ def plot(rep: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
 
     ax = axes[0, 2]
-    ex = np.array([[gpu[m][str(n)]["allgather"]["exposed_s"] / gpu[m][str(n)]["forward_s"] for n in WORLDS]
-                   for m in models])
+    ex = np.array(
+        [[gpu[m][str(n)]["allgather"]["exposed_s"] / gpu[m][str(n)]["forward_s"] for n in WORLDS] for m in models]
+    )
     im = ax.imshow(np.minimum(ex, 2.0), cmap="Reds", aspect="auto", vmin=0, vmax=2.0)
     for i in range(len(models)):
         for j in range(len(WORLDS)):
-            ax.text(j, i, f"{ex[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if ex[i, j] > 1.2 else "black")
+            ax.text(
+                j,
+                i,
+                f"{ex[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if ex[i, j] > 1.2 else "black",
+            )
     ax.set_xticks(range(len(WORLDS)))
     ax.set_xticklabels([str(n) for n in WORLDS], fontsize=8)
     ax.set_yticks(range(len(models)))
     ax.set_yticklabels(models)
     ax.set_xlabel("world size N")
-    ax.set_title(f"GPU profile, allgather mode: exposed sync / forward time (colour clipped at 2)\n"
-                 f"({p['tokens_per_rank']} tokens/rank, {p['flops'] / 1e12:.0f} TFLOP/s)", fontsize=9)
+    ax.set_title(
+        f"GPU profile, allgather mode: exposed sync / forward time (colour clipped at 2)\n"
+        f"({p['tokens_per_rank']} tokens/rank, {p['flops'] / 1e12:.0f} TFLOP/s)",
+        fontsize=9,
+    )
     fig.colorbar(im, ax=ax, fraction=0.046)
 
     ax = axes[1, 1]
     for m, ls in (("7B", "-"), ("125M", ":"), ("70B", "--")):
         for mode in ("broadcast", "allgather", "rs_ag"):
-            ax.plot(WORLDS, [gpu[m][str(n)][mode]["bytes_over_lower_bound"] for n in WORLDS], ls,
-                    color=colors[mode], label=f"{m} {mode}")
+            ax.plot(
+                WORLDS,
+                [gpu[m][str(n)][mode]["bytes_over_lower_bound"] for n in WORLDS],
+                ls,
+                color=colors[mode],
+                label=f"{m} {mode}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("world size N")
     ax.set_ylabel("bytes received per rank / ((N-1)/N x P x b)")
-    ax.set_title("bytes moved per rank vs the lower bound (broadcast: worst rank; rs_ag includes grads)",
-                 fontsize=9)
+    ax.set_title("bytes moved per rank vs the lower bound (broadcast: worst rank; rs_ag includes grads)", fontsize=9)
     ax.legend(fontsize=6, ncol=3)
     ax.grid(alpha=0.3)
 
     ax = axes[1, 2]
     for m, ls in (("7B", "-"), ("125M", ":"), ("70B", "--")):
         for mode in ("broadcast", "broadcast_bucketed", "allgather"):
-            ax.plot(WORLDS, [gpu[m][str(n)][mode]["launches"] for n in WORLDS], ls, color=colors[mode],
-                    label=f"{m} {mode}")
+            ax.plot(
+                WORLDS, [gpu[m][str(n)][mode]["launches"] for n in WORLDS], ls, color=colors[mode], label=f"{m} {mode}"
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("world size N")
     ax.set_ylabel("collective launches per step")
-    ax.set_title(f"launches per step: broadcast grows with N (to #tensors), allgather does not\n"
-                 f"(broadcast_bucketed: a rank's run cut at {p['bucket_mb']:g} MiB, as zerocomm's planner)", fontsize=9)
+    ax.set_title(
+        f"launches per step: broadcast grows with N (to #tensors), allgather does not\n"
+        f"(broadcast_bucketed: a rank's run cut at {p['bucket_mb']:g} MiB, as zerocomm's planner)",
+        fontsize=9,
+    )
     ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3, which="both")
     v = rep.get("validation")
     if v:
-        txt = (f"validation (TinyGPT {v['params'] / 1e6:.1f}M, 2 gloo ranks, allgather):\n"
-               f"predicted {v['predicted_s'] * 1e3:.1f} ms, measured {v['measured_s'] * 1e3:.1f} ms, "
-               f"ratio {v['ratio']:.2f} ({'PASS' if v['pass'] else 'FAIL'} +-25%)")
-        ax.text(0.02, 0.98, txt, transform=ax.transAxes, fontsize=8, va="top",
-                bbox=dict(facecolor="white", alpha=0.8, edgecolor="gray"))
-    fig.suptitle(f"zerocomm scale model (alpha-beta, {p['latency_model']} algorithms) - {rep['machine']['date'][:10]}",
-                 fontsize=11)
+        txt = (
+            f"validation (TinyGPT {v['params'] / 1e6:.1f}M, 2 gloo ranks, allgather):\n"
+            f"predicted {v['predicted_s'] * 1e3:.1f} ms, measured {v['measured_s'] * 1e3:.1f} ms, "
+            f"ratio {v['ratio']:.2f} ({'PASS' if v['pass'] else 'FAIL'} +-25%)"
+        )
+        ax.text(
+            0.02,
+            0.98,
+            txt,
+            transform=ax.transAxes,
+            fontsize=8,
+            va="top",
+            bbox=dict(facecolor="white", alpha=0.8, edgecolor="gray"),
+        )
+    fig.suptitle(
+        f"zerocomm scale model (alpha-beta, {p['latency_model']} algorithms) - {rep['machine']['date'][:10]}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -591,8 +684,12 @@ def main(argv: list[str] | None = None) -> None:
     world = 2
     gathered = [{}]
     if not (args.calibration and args.no_validate):
-        print(f"measuring on {world} gloo ranks (collectives {SIZES[0] // KB} KB..{SIZES[-1] // MB} MB"
-              + ("" if args.no_validate else ", then the TinyGPT allgather sync") + ") ...", flush=True)
+        print(
+            f"measuring on {world} gloo ranks (collectives {SIZES[0] // KB} KB..{SIZES[-1] // MB} MB"
+            + ("" if args.no_validate else ", then the TinyGPT allgather sync")
+            + ") ...",
+            flush=True,
+        )
         gathered = run_measurements(args, world)
     t_meas = time.time() - t_start
     rounds = []  # per round: rank-averaged sweep rows and sync time
@@ -601,10 +698,15 @@ def main(argv: list[str] | None = None) -> None:
             per = [g["rounds"][i] for g in gathered]
             rnd = {}
             if "sweep" in per[0]:
-                rnd["rows"] = [{"bytes": r0["bytes"], "reps": r0["reps"],
-                                "broadcast_s": statistics.mean(p["sweep"][k]["broadcast_s"] for p in per),
-                                "allgather_s": statistics.mean(p["sweep"][k]["allgather_s"] for p in per)}
-                               for k, r0 in enumerate(per[0]["sweep"])]
+                rnd["rows"] = [
+                    {
+                        "bytes": r0["bytes"],
+                        "reps": r0["reps"],
+                        "broadcast_s": statistics.mean(p["sweep"][k]["broadcast_s"] for p in per),
+                        "allgather_s": statistics.mean(p["sweep"][k]["allgather_s"] for p in per),
+                    }
+                    for k, r0 in enumerate(per[0]["sweep"])
+                ]
             if "sync_s" in per[0]:
                 rnd["sync_s"] = statistics.mean(p["sync_s"] for p in per)
             rounds.append(rnd)
@@ -615,33 +717,64 @@ def main(argv: list[str] | None = None) -> None:
         cal.setdefault("copy_Bps", copy_Bps)
         cal["source"] = f"file: {args.calibration}"
     else:
-        rows = [{"bytes": r0["bytes"],
-                 "broadcast_s": statistics.median(r["rows"][k]["broadcast_s"] for r in rounds),
-                 "allgather_s": statistics.median(r["rows"][k]["allgather_s"] for r in rounds),
-                 "broadcast_rounds_s": [r["rows"][k]["broadcast_s"] for r in rounds],
-                 "allgather_rounds_s": [r["rows"][k]["allgather_s"] for r in rounds]}
-                for k, r0 in enumerate(rounds[0]["rows"])]
+        rows = [
+            {
+                "bytes": r0["bytes"],
+                "broadcast_s": statistics.median(r["rows"][k]["broadcast_s"] for r in rounds),
+                "allgather_s": statistics.median(r["rows"][k]["allgather_s"] for r in rounds),
+                "broadcast_rounds_s": [r["rows"][k]["broadcast_s"] for r in rounds],
+                "allgather_rounds_s": [r["rows"][k]["allgather_s"] for r in rounds],
+            }
+            for k, r0 in enumerate(rounds[0]["rows"])
+        ]
         cal = fit_calibration(rows, world, copy_Bps)
-        cal.update(source=f"measured: gloo, {world} ranks, CPU; median over {len(rounds)} rounds of "
-                          "back-to-back collectives (rank-averaged)",
-                   allgather_api="all_gather_into_tensor", points=rows)
-        print(f"fit: broadcast alpha {cal['alpha_bcast_s'] * 1e6:.1f} us, beta {cal['beta_bcast_Bps'] / 1e9:.3f} GB/s;"
-              f" all-gather alpha {cal['alpha_ag_s'] * 1e6:.1f} us, beta {cal['beta_ag_Bps'] / 1e9:.3f} GB/s;"
-              f" copy {cal['copy_Bps'] / 1e9:.1f} GB/s")
+        cal.update(
+            source=f"measured: gloo, {world} ranks, CPU; median over {len(rounds)} rounds of "
+            "back-to-back collectives (rank-averaged)",
+            allgather_api="all_gather_into_tensor",
+            points=rows,
+        )
+        print(
+            f"fit: broadcast alpha {cal['alpha_bcast_s'] * 1e6:.1f} us, beta {cal['beta_bcast_Bps'] / 1e9:.3f} GB/s;"
+            f" all-gather alpha {cal['alpha_ag_s'] * 1e6:.1f} us, beta {cal['beta_ag_Bps'] / 1e9:.3f} GB/s;"
+            f" copy {cal['copy_Bps'] / 1e9:.1f} GB/s"
+        )
         for r in cal["points"]:
-            print(f"  {r['bytes'] // KB:6d} KB  bcast {r['broadcast_s'] * 1e6:9.1f} us (fit {r['broadcast_fit_s'] * 1e6:9.1f})"
-                  f"  all-gather {r['allgather_s'] * 1e6:9.1f} us (fit {r['allgather_fit_s'] * 1e6:9.1f})")
-    gpu_prof = {"alpha_s": args.gpu_alpha_us * 1e-6, "beta_Bps": args.gpu_beta_gbps * 1e9,
-                "copy_Bps": args.gpu_copy_gbps * 1e9, "flops": args.flops, "tokens_per_rank": args.tokens_per_rank,
-                "param_bytes": args.param_bytes, "grad_bytes": args.grad_bytes, "bucket_mb": args.bucket_mb,
-                "latency_model": args.latency_model,
-                "source": "flags (defaults are assumed figures, not measurements: 400 Gb/s-class IB per GPU)"}
-    gpu_cal = {"alpha_bcast_s": gpu_prof["alpha_s"], "beta_bcast_Bps": gpu_prof["beta_Bps"],
-               "alpha_ag_s": gpu_prof["alpha_s"], "beta_ag_Bps": gpu_prof["beta_Bps"], "copy_Bps": gpu_prof["copy_Bps"]}
-    rep = {"benchmark": "scale_model", "machine": machine_info(), "formulas": __doc__,
-           "calibration": {k: v for k, v in cal.items()}, "gpu_profile": gpu_prof,
-           "worlds": WORLDS, "models": {m: dict(zip(("family", "d_model", "layers", "ffn", "vocab", "kv_dim",
-                                                     "tied", "seq"), MODELS[m])) for m in MODELS}}
+            print(
+                f"  {r['bytes'] // KB:6d} KB  bcast {r['broadcast_s'] * 1e6:9.1f} us (fit {r['broadcast_fit_s'] * 1e6:9.1f})"
+                f"  all-gather {r['allgather_s'] * 1e6:9.1f} us (fit {r['allgather_fit_s'] * 1e6:9.1f})"
+            )
+    gpu_prof = {
+        "alpha_s": args.gpu_alpha_us * 1e-6,
+        "beta_Bps": args.gpu_beta_gbps * 1e9,
+        "copy_Bps": args.gpu_copy_gbps * 1e9,
+        "flops": args.flops,
+        "tokens_per_rank": args.tokens_per_rank,
+        "param_bytes": args.param_bytes,
+        "grad_bytes": args.grad_bytes,
+        "bucket_mb": args.bucket_mb,
+        "latency_model": args.latency_model,
+        "source": "flags (defaults are assumed figures, not measurements: 400 Gb/s-class IB per GPU)",
+    }
+    gpu_cal = {
+        "alpha_bcast_s": gpu_prof["alpha_s"],
+        "beta_bcast_Bps": gpu_prof["beta_Bps"],
+        "alpha_ag_s": gpu_prof["alpha_s"],
+        "beta_ag_Bps": gpu_prof["beta_Bps"],
+        "copy_Bps": gpu_prof["copy_Bps"],
+    }
+    rep = {
+        "benchmark": "scale_model",
+        "machine": machine_info(),
+        "formulas": __doc__,
+        "calibration": {k: v for k, v in cal.items()},
+        "gpu_profile": gpu_prof,
+        "worlds": WORLDS,
+        "models": {
+            m: dict(zip(("family", "d_model", "layers", "ffn", "vocab", "kv_dim", "tied", "seq"), MODELS[m]))
+            for m in MODELS
+        },
+    }
     # the measured profile applied at scale (same FLOPs/tokens assumptions, fp32 on CPU)
     cpu_prof = dict(gpu_prof, param_bytes=4, grad_bytes=4, latency_model="ring")
     rep["grid_gpu"] = grid(gpu_cal, gpu_prof)
@@ -658,13 +791,26 @@ def main(argv: list[str] | None = None) -> None:
             if "rows" in r:
                 c = fit_calibration([dict(x) for x in r["rows"]], world, copy_Bps)
                 per_round.append(tinygpt_allgather_prediction(args, world, c)["predicted_s"] / r["sync_s"])
-        v = {"config": {"world": world, "dim": args.dim, "layers": args.layers, "vocab": args.vocab, "seq": args.seq,
-                        "bucket_mb": args.cpu_bucket_mb, "mode": "allgather", "dtype": "fp32"},
-             **pred, "measured_s": measured, "measured_rounds_s": syncs,
-             "measured_kind": f"zerocomm ParamSync launch()+synchronize(), mean of {args.val_reps} back-to-back, "
-                              f"rank-averaged, median of {len(syncs)} rounds",
-             "ratio": pred["predicted_s"] / measured, "ratio_per_round": per_round,
-             "ratio_per_round_median": statistics.median(per_round) if per_round else None}
+        v = {
+            "config": {
+                "world": world,
+                "dim": args.dim,
+                "layers": args.layers,
+                "vocab": args.vocab,
+                "seq": args.seq,
+                "bucket_mb": args.cpu_bucket_mb,
+                "mode": "allgather",
+                "dtype": "fp32",
+            },
+            **pred,
+            "measured_s": measured,
+            "measured_rounds_s": syncs,
+            "measured_kind": f"zerocomm ParamSync launch()+synchronize(), mean of {args.val_reps} back-to-back, "
+            f"rank-averaged, median of {len(syncs)} rounds",
+            "ratio": pred["predicted_s"] / measured,
+            "ratio_per_round": per_round,
+            "ratio_per_round_median": statistics.median(per_round) if per_round else None,
+        }
         v["pass"] = abs(v["ratio"] - 1.0) <= 0.25
         ov = Path(args.overlap_json) if args.overlap_json else out / "overlap_cpu.json"
         if ov.exists():
@@ -676,16 +822,20 @@ def main(argv: list[str] | None = None) -> None:
             except (KeyError, json.JSONDecodeError):
                 pass
         rep["validation"] = v
-        print(f"validation: TinyGPT {pred['params']:,} params, {pred['n_buckets']} buckets, 2 ranks, allgather: "
-              f"predicted {pred['predicted_s'] * 1e3:.2f} ms (comm only {pred['predicted_comm_only_s'] * 1e3:.2f}), "
-              f"measured {measured * 1e3:.2f} ms (launch()+synchronize(); rounds "
-              f"{', '.join(f'{x * 1e3:.1f}' for x in syncs)}) -> ratio {v['ratio']:.2f} "
-              f"{'PASS' if v['pass'] else 'FAIL'} (+-25%); per-round fit/measure ratios "
-              f"{', '.join(f'{x:.2f}' for x in per_round)}")
+        print(
+            f"validation: TinyGPT {pred['params']:,} params, {pred['n_buckets']} buckets, 2 ranks, allgather: "
+            f"predicted {pred['predicted_s'] * 1e3:.2f} ms (comm only {pred['predicted_comm_only_s'] * 1e3:.2f}), "
+            f"measured {measured * 1e3:.2f} ms (launch()+synchronize(); rounds "
+            f"{', '.join(f'{x * 1e3:.1f}' for x in syncs)}) -> ratio {v['ratio']:.2f} "
+            f"{'PASS' if v['pass'] else 'FAIL'} (+-25%); per-round fit/measure ratios "
+            f"{', '.join(f'{x:.2f}' for x in per_round)}"
+        )
         if "ratio_vs_overlap_in_training" in v:
-            print(f"  vs overlap_cpu.json zc_allgather sync during training "
-                  f"{v['overlap_sync_total_per_step_s'] * 1e3:.2f} ms/step: ratio {v['ratio_vs_overlap_in_training']:.2f}"
-                  " (contended by the compute running beside it)")
+            print(
+                f"  vs overlap_cpu.json zc_allgather sync during training "
+                f"{v['overlap_sync_total_per_step_s'] * 1e3:.2f} ms/step: ratio {v['ratio_vs_overlap_in_training']:.2f}"
+                " (contended by the compute running beside it)"
+            )
     # summary: where broadcast wins (GPU profile)
     wins = {m: [n for n in WORLDS if rep["grid_gpu"][m][str(n)]["winner_sync"] == "broadcast"] for m in MODELS}
     rep["broadcast_wins_gpu"] = wins
@@ -695,8 +845,10 @@ def main(argv: list[str] | None = None) -> None:
         cells = []
         for n in (8, 64, 512, 4096):
             c = g[str(n)]
-            cells.append(f"N={n}: bc {c['broadcast']['sync_s'] * 1e3:.0f}/ag {c['allgather']['sync_s'] * 1e3:.0f}"
-                         f" ms (exp {c['broadcast']['exposed_s'] * 1e3:.0f}/{c['allgather']['exposed_s'] * 1e3:.0f})")
+            cells.append(
+                f"N={n}: bc {c['broadcast']['sync_s'] * 1e3:.0f}/ag {c['allgather']['sync_s'] * 1e3:.0f}"
+                f" ms (exp {c['broadcast']['exposed_s'] * 1e3:.0f}/{c['allgather']['exposed_s'] * 1e3:.0f})"
+            )
         print(f"  {m:5s} fwd {g['8']['forward_s'] * 1e3:6.0f} ms  " + "; ".join(cells))
     rep["run_time_s"] = {"measurements": t_meas, "total": time.time() - t_start}
     (out / "scale_model.json").write_text(json.dumps(rep, indent=1))

@@ -1,4 +1,5 @@
 """Run a function on N gloo ranks in fresh processes, with a hard timeout."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = {"ok": fn(rank, world, *args)}
     except BaseException as e:  # reported to the parent, which raises
-        result = {"error": f"{type(e).__name__}: {e}", "type": type(e).__name__,
-                  "traceback": traceback.format_exc()}
+        result = {"error": f"{type(e).__name__}: {e}", "type": type(e).__name__, "traceback": traceback.format_exc()}
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     try:
@@ -39,15 +39,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
         pass
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0,
-              expect_errors: bool = False) -> list[Any]:
+def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0, expect_errors: bool = False) -> list[Any]:
     """Returns each rank's return value; raises if a rank failed (unless
     expect_errors, then returns the per-rank result dicts) or the job hung."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out_dir), daemon=True)
-                 for r in range(world)]
+        procs = [
+            ctx.Process(target=_entry, args=(r, world, port, fn, args, out_dir), daemon=True) for r in range(world)
+        ]
         for p in procs:
             p.start()
         import time
@@ -69,8 +69,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0,
             else:
                 results.append({"error": "no result (hung or crashed)", "type": "Hang"})
             # how the process ended: fault tests assert nobody had to be killed
-            results[-1].update(exitcode=procs[r].exitcode, killed=r in hung,
-                               alive=procs[r].is_alive())
+            results[-1].update(exitcode=procs[r].exitcode, killed=r in hung, alive=procs[r].is_alive())
     if hung and not expect_errors:
         raise TimeoutError(f"ranks {hung} did not finish within {timeout} s")
     if expect_errors:

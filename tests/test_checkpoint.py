@@ -11,6 +11,7 @@ hyper-parameters round-trip.
 
 Each spawned job groups several checks: starting a rank costs seconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,9 @@ def _model(seed: int = 0) -> nn.Module:
 def _optimizer(model: nn.Module) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95)
+    )
 
 
 def _scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:
@@ -150,8 +152,7 @@ def _job_train_and_save(rank: int, world: int, root: str) -> dict:
         zopt.close()
     # bf16 parameters with fp32 master shards: the masters must be saved
     model = _model().to(torch.bfloat16)
-    zopt = zerocomm.attach(model, _optimizer(model), mode="allgather", bucket_mb=BUCKET_MB,
-                           master_dtype=torch.float32)
+    zopt = zerocomm.attach(model, _optimizer(model), mode="allgather", bucket_mb=BUCKET_MB, master_dtype=torch.float32)
     _train(model, zopt, _scheduler(zopt), range(2), rank, world)
     checkpoint.save(os.path.join(root, "bf16"), zopt, step=2)
     zopt.close()
@@ -191,8 +192,9 @@ def _job_resume(rank: int, world: int, root: str, pairs: list[tuple[str, str]], 
         path = os.path.join(root, "bf16")
         saved = checkpoint.consolidate(path, os.path.join(scratch, f"bf16-{rank}.pt"))
         model = _model(seed=1).to(torch.bfloat16)
-        zopt = zerocomm.attach(model, _optimizer(model), mode="broadcast", bucket_mb=BUCKET_MB,
-                               master_dtype=torch.float32)
+        zopt = zerocomm.attach(
+            model, _optimizer(model), mode="broadcast", bucket_mb=BUCKET_MB, master_dtype=torch.float32
+        )
         checkpoint.load(path, zopt)
         assert all(torch.equal(p, saved["model"][n]) for n, p in model.named_parameters())
         names = dict((id(p), n) for n, p in model.named_parameters())
@@ -335,10 +337,13 @@ def test_sharded_training_matches_reference_and_is_sharded(saved):
     assert len({f for f in os.listdir(os.path.join(root, "allgather")) if f.endswith(".distcp")}) == 4
 
 
-@pytest.mark.parametrize("world,pairs", [
-    (2, [("broadcast", "broadcast"), ("allgather", "broadcast")]),
-    (3, [("allgather", "allgather"), ("broadcast", "allgather")]),
-])
+@pytest.mark.parametrize(
+    "world,pairs",
+    [
+        (2, [("broadcast", "broadcast"), ("allgather", "broadcast")]),
+        (3, [("allgather", "allgather"), ("broadcast", "allgather")]),
+    ],
+)
 def test_resume_on_other_world_size_and_mode(saved, tmp_path, world, pairs):
     root, _ = saved
     res = run_ranks(_job_resume, world, root, pairs, str(tmp_path), timeout=180)

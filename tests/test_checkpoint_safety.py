@@ -8,6 +8,7 @@ their own.
 Every checkpoint call in a job passes a short `timeout=`, so a case that
 leaves the ranks out of step fails in seconds instead of hanging the job.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def _setup(*, n_layers: int = 2, vocab: int = 64, optim: str = "adamw", bf16: bo
     if bf16:
         model = model.to(torch.bfloat16)
         kwargs["master_dtype"] = torch.float32
-    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2) if optim == "adamw"
-           else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if optim == "adamw"
+        else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    )
     zopt = zerocomm.attach(model, opt, mode="allgather", bucket_mb=0.002, **kwargs)
     _train(model, zopt, seed=dist.get_rank())
     return model, zopt
@@ -56,9 +60,11 @@ def _train(model, zopt, seed: int) -> None:
 
 def _snapshot(model, zopt) -> dict[str, Any]:
     zopt.synchronize()
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "optim": zopt.state_dict(),  # collective: both ranks take snapshots in step
-            "masters": [lp.tensor.detach().clone() for lp in zopt.pieces]}
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "optim": zopt.state_dict(),  # collective: both ranks take snapshots in step
+        "masters": [lp.tensor.detach().clone() for lp in zopt.pieces],
+    }
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -70,6 +76,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
         if isinstance(x, (list, tuple)):
             return type(x) is type(y) and len(x) == len(y) and all(map(eq, x, y))
         return x == y
+
     return eq(a, b)
 
 
@@ -148,6 +155,7 @@ def _job_cases(rank: int, world: int, root: str) -> dict[str, Any]:
                 fh.write(text)
         with open(os.path.join(root, "model.bin"), "w") as fh:
             fh.write("user data")
+
     _rank0_edits(user_files)
     _case(res, "user_dir", lambda: checkpoint.save(os.path.join(root, "outputs"), zopt, step=1, timeout=T))
     _case(res, "user_file", lambda: checkpoint.save(os.path.join(root, "model.bin"), zopt, step=1, timeout=T))
@@ -156,6 +164,7 @@ def _job_cases(rank: int, world: int, root: str) -> dict[str, Any]:
     def trailing_slash() -> Any:
         checkpoint.save(os.path.join(root, "slash") + "/", zopt, step=5, timeout=T)
         return checkpoint.load(os.path.join(root, "slash") + "/", zopt, timeout=T).step
+
     _case(res, "trailing_slash", trailing_slash)
     _rank0_edits(lambda: open(os.path.join(root, "a_file"), "w").close())
     _case(res, "parent_is_file", lambda: checkpoint.save(os.path.join(root, "a_file", "ck"), zopt, timeout=T))
@@ -164,9 +173,19 @@ def _job_cases(rank: int, world: int, root: str) -> dict[str, Any]:
         _case(res, "read_only_parent", lambda: checkpoint.save(os.path.join(root, "ro", "ck"), zopt, timeout=T))
 
     # --- 9. extra round-trips any state_dict, empty containers included
-    extra = {"sched": {"lr_lambdas": [{}, {}], "base_lrs": [0.1, 0.1], "_last_lr": [0.1, 0.1],
-                       "last_epoch": 3, "verbose": False}, "empty": {}, "tup": (1, ()), "t": torch.arange(3),
-             "none": None}
+    extra = {
+        "sched": {
+            "lr_lambdas": [{}, {}],
+            "base_lrs": [0.1, 0.1],
+            "_last_lr": [0.1, 0.1],
+            "last_epoch": 3,
+            "verbose": False,
+        },
+        "empty": {},
+        "tup": (1, ()),
+        "t": torch.arange(3),
+        "none": None,
+    }
     checkpoint.save(ck, zopt, step=7, extra=extra, timeout=T)
     _case(res, "extra_load", lambda: _same(checkpoint.load(ck, zopt, timeout=T).extra, extra))
     if rank == 0:
@@ -182,11 +201,16 @@ def _job_cases(rank: int, world: int, root: str) -> dict[str, Any]:
         entries = torch.load(os.path.join(ck, "zerocomm.pt"), weights_only=True)
         torch.save({**entries, "extra": _RunsCode(sentinel)}, os.path.join(ck, "zerocomm.pt"))
         _set_digest(ck, "zerocomm.pt")
+
     _rank0_edits(evil_entries)
     _case(res, "payload_in_entries", lambda: checkpoint.load(ck, zopt, timeout=T))
     if rank == 0:
-        _case(res, "payload_in_entries_consolidate",
-              lambda: checkpoint.consolidate(ck, os.path.join(root, "x.pt")), every_rank=False)
+        _case(
+            res,
+            "payload_in_entries_consolidate",
+            lambda: checkpoint.consolidate(ck, os.path.join(root, "x.pt")),
+            every_rank=False,
+        )
     res["payload_in_entries"]["sentinel"] = os.path.exists(sentinel)
 
     checkpoint.save(ck, zopt, step=8, timeout=T)
@@ -198,11 +222,16 @@ def _job_cases(rank: int, world: int, root: str) -> dict[str, Any]:
         with open(os.path.join(ck, ".metadata"), "wb") as f:
             pickle.dump(_RunsCodeThenReturns(sentinel, genuine), f)
         _set_digest(ck, ".metadata")
+
     _rank0_edits(evil_metadata)
     _case(res, "payload_in_metadata", lambda: checkpoint.load(ck, zopt, timeout=T))
     if rank == 0:
-        _case(res, "payload_in_metadata_consolidate",
-              lambda: checkpoint.consolidate(ck, os.path.join(root, "y.pt")), every_rank=False)
+        _case(
+            res,
+            "payload_in_metadata_consolidate",
+            lambda: checkpoint.consolidate(ck, os.path.join(root, "y.pt")),
+            every_rank=False,
+        )
     res["payload_in_metadata"]["sentinel"] = os.path.exists(sentinel)
     # opting in: the user vouches for the file, and then it loads
     _case(res, "metadata_trusted", lambda: checkpoint.load(ck, zopt, timeout=T, trusted=True).step)
@@ -218,13 +247,18 @@ def _job_cases(rank: int, world: int, root: str) -> dict[str, Any]:
             b = f.read(1)
             f.seek(200)
             f.write(bytes([b[0] ^ 0x10]))
+
     _rank0_edits(flip)
     before = _snapshot(model, zopt)
     _case(res, "flipped_byte", lambda: checkpoint.load(ck, zopt, timeout=T))
     res["flipped_byte"]["unchanged"] = _same(_snapshot(model, zopt), before)
     if rank == 0:
-        _case(res, "flipped_byte_consolidate",
-              lambda: checkpoint.consolidate(ck, os.path.join(root, "z.pt")), every_rank=False)
+        _case(
+            res,
+            "flipped_byte_consolidate",
+            lambda: checkpoint.consolidate(ck, os.path.join(root, "z.pt")),
+            every_rank=False,
+        )
 
     checkpoint.save(ck, zopt, step=10, timeout=T)
     _train(model, zopt, seed=20 + rank)
@@ -233,6 +267,7 @@ def _job_cases(rank: int, world: int, root: str) -> dict[str, Any]:
         file = os.path.join(ck, "__1_0.distcp")
         os.truncate(file, os.path.getsize(file) // 2)
         _set_digest(ck, "__1_0.distcp")
+
     _rank0_edits(truncate)
     before = _snapshot(model, zopt)
     _case(res, "truncated", lambda: checkpoint.load(ck, zopt, timeout=T))
@@ -302,10 +337,14 @@ def test_regular_file_at_path_survives(cases):
 
 def test_trailing_slash(cases):
     root, res = cases
-    assert [r["trailing_slash"] for r in res] == [{"ok": 5, "seconds": r["trailing_slash"]["seconds"]}
-                                                   for r in res]
+    assert [r["trailing_slash"] for r in res] == [{"ok": 5, "seconds": r["trailing_slash"]["seconds"]} for r in res]
     assert sorted(os.listdir(os.path.join(root, "slash"))) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "zerocomm.json", "zerocomm.pt"]
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "zerocomm.json",
+        "zerocomm.pt",
+    ]
     assert _beside(root, "slash") == []
 
 
@@ -350,11 +389,14 @@ def test_failed_read_is_a_runtime_error_and_changes_nothing(cases):
     assert all(r["truncated"]["unchanged"] for r in res), "a failed load changed parameters, masters or state"
 
 
-@pytest.mark.parametrize("case,words", [
-    ("sgd", ("AdamW", "SGD")),
-    ("fewer_layers", ("blocks.1.",)),
-    ("shape", ("wte.weight", "(64, 16)", "(65, 16)")),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("sgd", ("AdamW", "SGD")),
+        ("fewer_layers", ("blocks.1.",)),
+        ("shape", ("wte.weight", "(64, 16)", "(65, 16)")),
+    ],
+)
 def test_wrong_model_or_optimizer_is_refused_and_changes_nothing(cases, case, words):
     _, res = cases
     _refused_everywhere(res, case, *words)
@@ -400,9 +442,14 @@ def test_concurrent_saves_never_mix(tmp_path):
 
     path, rounds = str(tmp_path / "ck"), 4
     results: dict[int, list] = {}
-    threads = [threading.Thread(target=lambda j=j: results.__setitem__(
-        j, run_ranks(_job_concurrent, 2, path, j, rounds, str(tmp_path / "gate"), timeout=120)))
-        for j in (0, 1)]
+    threads = [
+        threading.Thread(
+            target=lambda j=j: results.__setitem__(
+                j, run_ranks(_job_concurrent, 2, path, j, rounds, str(tmp_path / "gate"), timeout=120)
+            )
+        )
+        for j in (0, 1)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -445,8 +492,9 @@ def test_lock_of_a_dead_process_is_broken_a_live_one_is_not(tmp_path):
     from zerocomm import _ckpt_fs as fs
 
     paths = fs.normalise(tmp_path / "ck")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     for holder, takes_over in ((int(dead.stdout), True), (os.getpid(), False)):
         with open(paths.lock, "w") as f:
             json.dump({"host": socket.gethostname(), "pid": holder, "token": "x" * 32}, f)

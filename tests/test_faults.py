@@ -7,6 +7,7 @@ assert did not happen).
 3 gloo ranks; rank 2 is the victim. Steps 0 and 1 run normally (the forward
 order is learned and the syncs are warm); the fault comes in step 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,8 +81,12 @@ def _job(rank: int, world: int, where: str, mode: str) -> dict:
             after_close = "no error"
         except Exception as e2:
             after_close = str(e2)
-        return {"raised": f"{type(e).__name__}: {e}", "raised_after": raised_after,
-                "closed_in": closed_in, "after_close": after_close}
+        return {
+            "raised": f"{type(e).__name__}: {e}",
+            "raised_after": raised_after,
+            "closed_in": closed_in,
+            "after_close": after_close,
+        }
     handle.close()
     return {"raised": None}
 

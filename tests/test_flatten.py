@@ -6,6 +6,7 @@ tensors hold random bytes (NaN and denormal patterns included) and are
 compared through a uint8 view, so a copy that goes through a float register
 or converts dtypes would be caught.
 """
+
 from __future__ import annotations
 
 import random
@@ -49,8 +50,9 @@ def random_shapes(rng: random.Random, n: int, max_dim: int = 3, max_side: int = 
     shapes = []
     for _ in range(n):
         nd = rng.randint(0, max_dim)  # 0 -> a 0-d (scalar) tensor
-        shapes.append(tuple(rng.randint(0, max_side) if rng.random() < 0.1 else rng.randint(1, max_side)
-                            for _ in range(nd)))
+        shapes.append(
+            tuple(rng.randint(0, max_side) if rng.random() < 0.1 else rng.randint(1, max_side) for _ in range(nd))
+        )
     return shapes
 
 
@@ -65,7 +67,7 @@ def round_up(x: int, m: int) -> int:
 def covered_mask(layout: FlatLayout, n: int, device="cpu") -> torch.Tensor:
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     for off, num in zip(layout.offsets, layout.numels):
-        mask[off:off + num] = True
+        mask[off : off + num] = True
     return mask
 
 
@@ -94,7 +96,7 @@ def check_flat(flat: torch.Tensor, tensors, layout: FlatLayout, padding_zero: bo
     if tensors:
         assert flat.dtype == tensors[0].dtype
     for i, (t, off, num) in enumerate(zip(tensors, layout.offsets, layout.numels)):
-        assert bit_equal(flat[off:off + num], t.reshape(-1)), f"slot {i} differs"
+        assert bit_equal(flat[off : off + num], t.reshape(-1)), f"slot {i} differs"
     if padding_zero:
         pad = as_bytes(flat[~covered_mask(layout, flat.numel(), flat.device)])
         assert int(pad.count_nonzero()) == 0, "padding is not zero"
@@ -200,8 +202,9 @@ def test_roundtrip_crosses_cpu_parallel_chunks():
 
 
 @pytest.mark.parametrize("align_bytes", [1, 2, 4, 8, 16, 32, 64, 256, 4096])
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.int64],
-                         ids=["uint8", "float16", "float32", "int64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.float16, torch.float32, torch.int64], ids=["uint8", "float16", "float32", "int64"]
+)
 def test_offsets_aligned(align_bytes, dtype):
     rng = random.Random(align_bytes)
     gen = torch.Generator().manual_seed(align_bytes)
@@ -303,13 +306,13 @@ def test_out_larger_than_needed_and_offset_view():
     tensors = [rand_bytes_tensor((n,), torch.float32, gen) for n in (3, 9, 1, 40)]
     layout = FlatLayout(tensors)
     big = torch.full((layout.total_numel + 20,), 5.0)
-    out = big[3:3 + layout.total_numel + 10]  # storage offset 3 elements, and too long
+    out = big[3 : 3 + layout.total_numel + 10]  # storage offset 3 elements, and too long
     zerocomm.flatten(tensors, out=out, layout=layout)
     for i, (t, off, num) in enumerate(zip(tensors, layout.offsets, layout.numels)):
-        assert bit_equal(out[off:off + num], t), f"slot {i}"
+        assert bit_equal(out[off : off + num], t), f"slot {i}"
     assert torch.equal(big[:3], torch.full((3,), 5.0))
-    assert torch.equal(out[layout.total_numel:], torch.full((10,), 5.0))
-    assert torch.equal(big[3 + layout.total_numel + 10:], torch.full((7,), 5.0))
+    assert torch.equal(out[layout.total_numel :], torch.full((10,), 5.0))
+    assert torch.equal(big[3 + layout.total_numel + 10 :], torch.full((7,), 5.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.int64], ids=["float32", "uint8", "int64"])
@@ -319,16 +322,16 @@ def test_misaligned_views_cpu(dtype):
     src_buf = rand_bytes_tensor((5000,), dtype, gen)
     sizes = [1, 13, 255, 1024, 3]
     starts = [1, 17, 301, 1999, 4001]
-    src = [src_buf[s:s + n] for s, n in zip(starts, sizes)]
+    src = [src_buf[s : s + n] for s, n in zip(starts, sizes)]
     flat = roundtrip(src)
 
     dst_buf = torch.zeros(5000, dtype=dtype)
-    dst = [dst_buf[s + 2:s + 2 + n] for s, n in zip(starts, sizes)]
+    dst = [dst_buf[s + 2 : s + 2 + n] for s, n in zip(starts, sizes)]
     zerocomm.unflatten(flat, dst)
     mask = torch.zeros(5000, dtype=torch.bool)
     for s, n, a, b in zip(starts, sizes, src, dst):
         assert bit_equal(a, b)
-        mask[s + 2:s + 2 + n] = True
+        mask[s + 2 : s + 2 + n] = True
     assert int(as_bytes(dst_buf[~mask]).count_nonzero()) == 0, "unflatten wrote outside its targets"
 
 
@@ -350,7 +353,7 @@ def test_tensors_that_are_views_of_the_flat_buffer():
     layout = FlatLayout(src)
     flat = zerocomm.flatten(src, layout=layout)
     expected = flat.clone()
-    views = [flat[o:o + n] for o, n in zip(layout.offsets, layout.numels)]
+    views = [flat[o : o + n] for o, n in zip(layout.offsets, layout.numels)]
     assert zerocomm.flatten(views, out=flat, layout=layout).data_ptr() == flat.data_ptr()
     assert bit_equal(flat, expected)
     zerocomm.unflatten(flat, views, layout=layout)
@@ -531,8 +534,9 @@ def test_cuda_empty_inputs():
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.int64],
-                         ids=["float32", "bfloat16", "uint8", "int64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.int64], ids=["float32", "bfloat16", "uint8", "int64"]
+)
 def test_cuda_misaligned_views(dtype):
     """Contiguous views that start at odd element offsets (not 16-byte aligned),
     as sources, as unflatten targets and as the `out` buffer."""
@@ -541,22 +545,22 @@ def test_cuda_misaligned_views(dtype):
     src_buf = rand_bytes_tensor((n_buf,), dtype, gen, "cuda")
     sizes = [1, 3, 17, 4099, 70_001, 5]
     starts = [1, 7, 29, 1001, 100_003, 200_001]
-    src = [src_buf[s:s + n] for s, n in zip(starts, sizes)]
+    src = [src_buf[s : s + n] for s, n in zip(starts, sizes)]
     flat = cuda_roundtrip(src)
 
     dst_buf = torch.zeros(n_buf, dtype=dtype, device="cuda")
-    dst = [dst_buf[s + 3:s + 3 + n] for s, n in zip(starts, sizes)]
+    dst = [dst_buf[s + 3 : s + 3 + n] for s, n in zip(starts, sizes)]
     zerocomm.unflatten(flat, dst)
     mask = torch.zeros(n_buf, dtype=torch.bool, device="cuda")
     for s, n, a, b in zip(starts, sizes, src, dst):
         assert bit_equal(a.cpu(), b.cpu())
-        mask[s + 3:s + 3 + n] = True
+        mask[s + 3 : s + 3 + n] = True
     assert int(as_bytes(dst_buf[~mask]).count_nonzero()) == 0, "unflatten wrote outside its targets"
 
     # Misaligned `out`: element offset 1 into a bigger buffer.
     layout = FlatLayout(src)
     big = torch.zeros(layout.total_numel + 2, dtype=dtype, device="cuda")
-    out = big[1:1 + layout.total_numel]
+    out = big[1 : 1 + layout.total_numel]
     zerocomm.flatten(src, out=out, layout=layout)
     check_flat(out.cpu(), [t.cpu() for t in src], layout)
     assert int(as_bytes(big[:1]).count_nonzero()) == 0
@@ -589,8 +593,8 @@ def test_cuda_one_large_tensor():
     layout = FlatLayout(tensors)
     flat = zerocomm.flatten(tensors, layout=layout)
     o = layout.offsets
-    assert torch.equal(flat[o[1]:o[1] + n].view(torch.int32), big.view(torch.int32))
-    assert torch.equal(flat[o[0]:o[0] + 5], small) and torch.equal(flat[o[2]:o[2] + 5], small + 1)
+    assert torch.equal(flat[o[1] : o[1] + n].view(torch.int32), big.view(torch.int32))
+    assert torch.equal(flat[o[0] : o[0] + 5], small) and torch.equal(flat[o[2] : o[2] + 5], small + 1)
     target = torch.zeros_like(big)
     zerocomm.unflatten(flat, [torch.zeros_like(small), target, torch.zeros_like(small)], layout=layout)
     assert torch.equal(target.view(torch.int32), big.view(torch.int32))
@@ -603,7 +607,7 @@ def test_cuda_tensors_that_are_views_of_the_flat_buffer():
     layout = FlatLayout(src)
     flat = zerocomm.flatten(src, layout=layout)
     expected = flat.clone()
-    views = [flat[o:o + n] for o, n in zip(layout.offsets, layout.numels)]
+    views = [flat[o : o + n] for o, n in zip(layout.offsets, layout.numels)]
     zerocomm.flatten(views, out=flat, layout=layout)
     zerocomm.unflatten(flat, views, layout=layout)
     torch.cuda.synchronize()

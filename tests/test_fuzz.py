@@ -11,6 +11,7 @@ per world size runs many cases in-process; every case is seeded, every rank
 builds the same model from the seed. A failure names the seed and the case;
 replay a case with ZEROCOMM_FUZZ_SEEDS=<seed>[,<seed>...] (same world size).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -97,12 +98,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = F.softmax(self.router(x), dim=-1)
-        return sum(g[..., e:e + 1] * ex(x) for e, ex in enumerate(self.experts))
+        return sum(g[..., e : e + 1] * ex(x) for e, ex in enumerate(self.experts))
 
 
 class Net(nn.Module):
-    def __init__(self, in_dim: int, d: int, out_dim: int, units: list[nn.Module], as_list: bool,
-                 head_bias: bool) -> None:
+    def __init__(
+        self, in_dim: int, d: int, out_dim: int, units: list[nn.Module], as_list: bool, head_bias: bool
+    ) -> None:
         super().__init__()
         self.inp = nn.Linear(in_dim, d)
         if as_list:
@@ -145,16 +147,16 @@ def build_case(seed: int) -> tuple[Net, dict, str]:
         if kind == "scale":
             return Scale(d)
         if kind == "stack":
-            return Stack([unit(depth + 1) if depth < 2 and rng.random() < 0.3 else lin()
-                          for _ in range(rng.randint(1, 3))])
+            return Stack(
+                [unit(depth + 1) if depth < 2 and rng.random() < 0.3 else lin() for _ in range(rng.randint(1, 3))]
+            )
         if kind == "nest":
             inner = unit(depth + 1) if depth < 2 else lin()
             return Nest(d, inner if isinstance(inner, (Stack, Nest)) else Stack([inner]), lin())
         return Experts(d, rng.randint(1, 3), rng.random() < 0.5)
 
     units = [unit(0) for _ in range(rng.randint(1, 4))]
-    model = Net(rng.choice([1, 3, 4]), d, rng.choice([1, 2, 5]), units, rng.random() < 0.5,
-                rng.random() < 0.5)
+    model = Net(rng.choice([1, 3, 4]), d, rng.choice([1, 2, 5]), units, rng.random() < 0.5, rng.random() < 0.5)
     # tied weights across blocks (distinct modules of the same shape)
     distinct = list({id(m): m for m in lins}.values())
     tied = ""
@@ -185,10 +187,11 @@ def build_case(seed: int) -> tuple[Net, dict, str]:
         optimizer=rng.choice(["sgd", "adamw"]),
         two_groups=rng.random() < 0.5,
     )
-    desc = (f"d={d} units=[{', '.join(type(u).__name__ for u in units)}]{tied} "
-            f"params={sum(p.numel() for _, p in params)} "
-            f"frozen={sum(not p.requires_grad for _, p in params)} "
-            + " ".join(f"{k}={v}" for k, v in opts.items()))
+    desc = (
+        f"d={d} units=[{', '.join(type(u).__name__ for u in units)}]{tied} "
+        f"params={sum(p.numel() for _, p in params)} "
+        f"frozen={sum(not p.requires_grad for _, p in params)} " + " ".join(f"{k}={v}" for k, v in opts.items())
+    )
     return model, opts, desc
 
 
@@ -208,8 +211,10 @@ def make_optimizer(model: nn.Module, opts: dict) -> torch.optim.Optimizer:
 
 def batch(seed: int, step: int, rank: int, model: Net) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed * 1000 + step * 10 + rank)
-    return (torch.randn(BATCH, model.inp.in_features, generator=g),
-            torch.randn(BATCH, model.head.out_features, generator=g))
+    return (
+        torch.randn(BATCH, model.inp.in_features, generator=g),
+        torch.randn(BATCH, model.head.out_features, generator=g),
+    )
 
 
 def _digest(model: nn.Module) -> str:
@@ -232,10 +237,18 @@ def run_case(seed: int, rank: int, world: int, egroup: dist.ProcessGroup) -> tup
     opt = make_optimizer(model, opts)
     ref_opt = make_optimizer(ref, opts)
     extra = dict(expert_filter=is_expert, expert_group=egroup) if opts["experts"] else {}
-    zopt = zerocomm.attach(model, opt, mode=opts["mode"], partition=opts["partition"],
-                           bucket_mb=opts["bucket_mb"], align_bytes=opts["align_bytes"],
-                           zero_copy=opts["zero_copy"], pipeline_step=opts["pipeline_step"],
-                           timeout=60, **extra)
+    zopt = zerocomm.attach(
+        model,
+        opt,
+        mode=opts["mode"],
+        partition=opts["partition"],
+        bucket_mb=opts["bucket_mb"],
+        align_bytes=opts["align_bytes"],
+        zero_copy=opts["zero_copy"],
+        pipeline_step=opts["pipeline_step"],
+        timeout=60,
+        **extra,
+    )
     try:
         for step in range(STEPS):
             x, y = batch(seed, step, rank, model)
@@ -256,8 +269,9 @@ def run_case(seed: int, rank: int, world: int, egroup: dist.ProcessGroup) -> tup
         if not torch.allclose(got[n].detach(), p.detach(), rtol=RTOL, atol=ATOL):
             err = (got[n].detach() - p.detach()).abs().max().item()
             bad.append(f"{n} {tuple(p.shape)} max|diff|={err:.3g}")
-    changed = any(not torch.equal(p.detach(), q.detach())
-                  for p, q in zip(build_case(seed)[0].parameters(), model.parameters()))
+    changed = any(
+        not torch.equal(p.detach(), q.detach()) for p, q in zip(build_case(seed)[0].parameters(), model.parameters())
+    )
     if not changed:
         bad.append("no parameter changed: the case tested nothing")
     return ("; ".join(bad) or None), _digest(model)
@@ -339,6 +353,21 @@ def test_generator_covers_the_structures() -> None:
                 seen.add("tiny buckets")
             if opts["zero_copy"]:
                 seen.add("zero_copy")
-    want = {"broadcast", "allgather", "balanced", "greedy", "sgd", "adamw", "experts", "tied", "frozen",
-            "1-element", "0-dim", "nest", "shared", "tiny buckets", "zero_copy"}
+    want = {
+        "broadcast",
+        "allgather",
+        "balanced",
+        "greedy",
+        "sgd",
+        "adamw",
+        "experts",
+        "tied",
+        "frozen",
+        "1-element",
+        "0-dim",
+        "nest",
+        "shared",
+        "tiny buckets",
+        "zero_copy",
+    }
     assert want <= seen, f"missing: {want - seen}"

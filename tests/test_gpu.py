@@ -4,6 +4,7 @@ One process, NCCL world size 1 (an in-process HashStore), so they run on a
 single GPU under plain pytest or `benchmarks/gpu_suite.sh`. Set
 ZEROCOMM_GPU_OUT to a folder to keep the profiler trace of the overlap test.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,7 @@ def nccl_world1() -> Iterator[None]:
     owned = not dist.is_initialized()
     if owned:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=torch.device("cuda", 0))
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
     yield
     if owned:
         dist.destroy_process_group()
@@ -75,16 +75,14 @@ def _reference(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[float]]:
 @pytest.mark.parametrize("pipeline", [False, True], ids=["serial_step", "pipelined"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_fp32_masters"])
 @pytest.mark.parametrize("mode", ["broadcast", "allgather"])
-def test_adamw_matrix(nccl_world1: None, mode: str, dtype: torch.dtype, pipeline: bool,
-                      zero_copy: bool) -> None:
+def test_adamw_matrix(nccl_world1: None, mode: str, dtype: torch.dtype, pipeline: bool, zero_copy: bool) -> None:
     import zerocomm
 
     ref_params, ref_losses = _reference(dtype)
     model = _model(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     extra = {"master_dtype": torch.float32} if dtype != torch.float32 else {}
-    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=0.01, zero_copy=zero_copy,
-                           pipeline_step=pipeline, **extra)
+    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=0.01, zero_copy=zero_copy, pipeline_step=pipeline, **extra)
     losses = []
     try:
         for step in range(STEPS):
@@ -103,8 +101,9 @@ def test_adamw_matrix(nccl_world1: None, mode: str, dtype: torch.dtype, pipeline
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for i, (a, b) in enumerate(zip(got, ref_params)):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0, msg=f"param {i}")
-    torch.testing.assert_close(torch.stack(losses).cpu(), torch.tensor(ref_losses),
-                               atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=0)
+    torch.testing.assert_close(
+        torch.stack(losses).cpu(), torch.tensor(ref_losses), atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=0
+    )
 
 
 SIM_LATENCY_US = 200_000.0  # 0.2 s per collective: far longer than a forward
@@ -116,8 +115,13 @@ def test_overlap_on_comm_stream(nccl_world1: None) -> None:
 
     model = _model(torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    zopt = zerocomm.attach(model, opt, mode="allgather", bucket_mb=1.0,
-                           transport=zerocomm.transport.SimulatedTransport(latency_us=SIM_LATENCY_US))
+    zopt = zerocomm.attach(
+        model,
+        opt,
+        mode="allgather",
+        bucket_mb=1.0,
+        transport=zerocomm.transport.SimulatedTransport(latency_us=SIM_LATENCY_US),
+    )
     x = _batch(0, torch.float32)
     for _ in range(2):
         model(x).square().mean().backward()
@@ -187,14 +191,15 @@ def test_stalled_transport_host_sync_returns(nccl_world1: None) -> None:
 
     model = _model(torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    zopt = zerocomm.attach(model, opt, mode="allgather", timeout=2.0,
-                           transport=zerocomm.transport.SimulatedTransport(latency_us=3e8))
+    zopt = zerocomm.attach(
+        model, opt, mode="allgather", timeout=2.0, transport=zerocomm.transport.SimulatedTransport(latency_us=3e8)
+    )
     x = _batch(0, torch.float32)
     t0 = time.monotonic()
     try:
         model(x).square().mean().backward()  # no sync launched yet: runs
-        zopt.step()                          # launches a 300 s simulated sync
-        model(x).sum().item()                # GPU waits; the watchdog aborts it
+        zopt.step()  # launches a 300 s simulated sync
+        model(x).sum().item()  # GPU waits; the watchdog aborts it
     except RuntimeError:
         pass
     assert time.monotonic() - t0 < 2.0 + 1.5

@@ -3,6 +3,7 @@ zerocomm in both modes, against the same run with plain AdamW: gradient
 clipping (max_grad_norm / accelerator.clip_grad_norm_), gradient
 accumulation over DDP's no_sync, a warmup scheduler, and (Trainer) a
 checkpoint save, which consolidates the optimizer state on every rank."""
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,19 @@ VARIANTS = ("plain", "broadcast", "allgather")
 def _run(kind: str, variant: str, out: str) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), str(SCRIPT), kind, variant, out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(SCRIPT),
+        kind,
+        variant,
+        out,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{kind} {variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]

@@ -10,6 +10,7 @@ Starting ranks costs seconds, so there is ONE spawned job per world size that
 runs every check planned for that size (`_PARTS`); the tests below assert on
 its cached results.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,8 +72,9 @@ def _model(tied: bool = True, frozen: bool = True, dtype: torch.dtype = torch.fl
 
     # qkv_bias=False: the key bias has an exactly-zero true gradient, which
     # Adam would turn from rounding noise into lr-sized steps (see models.py).
-    return TinyGPT(vocab=VOCAB, dim=32, n_layers=2, n_heads=4, seq=SEQ, qkv_bias=False,
-                   tie_weights=tied, frozen=frozen).to(dtype)
+    return TinyGPT(
+        vocab=VOCAB, dim=32, n_layers=2, n_heads=4, seq=SEQ, qkv_bias=False, tie_weights=tied, frozen=frozen
+    ).to(dtype)
 
 
 # optimizer name -> (class, model options, defaults); "groups" decides the param groups
@@ -88,8 +90,10 @@ ELEMENTWISE = ("adamw", "sgd", "adam")
 def _groups(name: str, model: nn.Module) -> list[dict]:
     params = list(model.parameters())  # the frozen one included, as users do
     if name == "adamw":  # the usual split: no weight decay on biases and norms
-        return [{"params": [p for p in params if p.dim() >= 2]},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
     return [{"params": params}]
 
 
@@ -112,8 +116,18 @@ def _loss(model: nn.Module, step: int, rank: int, world: int, micro: int = 0) ->
     return model.loss(x[lo:hi], y[lo:hi])
 
 
-def _train(model: nn.Module, opt: Any, steps: range, rank: int = 0, world: int = 1, case: str = "plain",
-           *, sharded: bool = False, average: bool = False, sched: Any = None) -> list[float]:
+def _train(
+    model: nn.Module,
+    opt: Any,
+    steps: range,
+    rank: int = 0,
+    world: int = 1,
+    case: str = "plain",
+    *,
+    sharded: bool = False,
+    average: bool = False,
+    sched: Any = None,
+) -> list[float]:
     """The training loop shared by the reference, ZeroRedundancyOptimizer
     (`average`: all-reduce the grads first) and ZeroOptimizer (`sharded`).
     Returns the clip norms ("clip") or the lr after each step ("sched")."""
@@ -132,8 +146,11 @@ def _train(model: nn.Module, opt: Any, steps: range, rank: int = 0, world: int =
                     dist.all_reduce(p.grad)
                     p.grad.div_(world)
         if case == "clip":
-            norm = (opt.clip_grad_norm_(MAX_NORM) if sharded
-                    else torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+            norm = (
+                opt.clip_grad_norm_(MAX_NORM)
+                if sharded
+                else torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+            )
             record.append(float(norm))
         opt.step()
         opt.zero_grad()
@@ -151,12 +168,14 @@ def _state_numel(opt: torch.optim.Optimizer) -> int:
     return sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
 
 
-def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str,
-           rtol: float = RTOL, atol: float = ATOL) -> None:
+def _close(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, rtol: float = RTOL, atol: float = ATOL
+) -> None:
     assert got.keys() == want.keys(), what
     for n in got:
-        torch.testing.assert_close(got[n].float(), want[n].float(), rtol=rtol, atol=atol,
-                                   msg=lambda m, n=n: f"{what}: {n}: {m}")
+        torch.testing.assert_close(
+            got[n].float(), want[n].float(), rtol=rtol, atol=atol, msg=lambda m, n=n: f"{what}: {n}: {m}"
+        )
 
 
 @contextlib.contextmanager
@@ -191,8 +210,9 @@ def _core(rank: int, world: int) -> dict:
             plans = [u.plan for u in zopt.units]
             res["max_param"] = max(s.numel for p in plans for s in p.params)
             # elements in allgather buckets that are alignment padding, not parameters
-            res["pad"] = sum(b.padded_numel - sum(p.params[i].numel for i in b.params)
-                             for p in plans for b in p.buckets)
+            res["pad"] = sum(
+                b.padded_numel - sum(p.params[i].numel for i in b.params) for p in plans for b in p.buckets
+            )
             res["state_dict"] = zopt.state_dict()
             res["to_rank_0"] = zopt.state_dict(to_rank=0)
             sd = res["state_dict"]
@@ -249,8 +269,7 @@ def _features(rank: int, world: int) -> dict:
             # e.g. "lr_scheduler.step() before optimizer.step()": the scheduler must see our step
             assert not [w for w in caught if "lr_scheduler" in str(w.message)], [str(w.message) for w in caught]
             zopt.synchronize()
-            out[case, mode] = {"params": _params(model), "record": record,
-                               "lrs": [g["lr"] for g in zopt.param_groups]}
+            out[case, mode] = {"params": _params(model), "record": record, "lrs": [g["lr"] for g in zopt.param_groups]}
             zopt.close()
         # A second backward outside no_sync() would add to grads whose
         # reduction is already under way: refused, not silently dropped...
@@ -335,9 +354,14 @@ def _reference(name: str, case: str = "plain") -> dict:
         init = _params(model)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if case == "sched" else None
         record = _train(model, opt, range(STEPS), case=case, sched=sched)
-        ref = {"init": init, "params": _params(model), "record": record,
-               "state_dict": copy.deepcopy(opt.state_dict()), "state_numel": _state_numel(opt),
-               "lrs": [g["lr"] for g in opt.param_groups]}
+        ref = {
+            "init": init,
+            "params": _params(model),
+            "record": record,
+            "state_dict": copy.deepcopy(opt.state_dict()),
+            "state_numel": _state_numel(opt),
+            "lrs": [g["lr"] for g in opt.param_groups],
+        }
         if case == "plain":
             _train(model, opt, range(STEPS, STEPS + RESUME_STEPS))
             ref["resumed"] = _params(model)
@@ -381,8 +405,12 @@ def _bf16_reference(world: int) -> dict:
             with torch.no_grad():
                 for p, m in zip(work, masters):
                     p.copy_(m)
-    _REFS["bf16", world] = {"masters": [m.detach() for m in masters], "init": init,
-                            "names": [names[id(p)] for p in work], "trainable": [p.requires_grad for p in work]}
+    _REFS["bf16", world] = {
+        "masters": [m.detach() for m in masters],
+        "init": init,
+        "names": [names[id(p)] for p in work],
+        "trainable": [p.requires_grad for p in work],
+    }
     return _REFS["bf16", world]
 
 
@@ -443,8 +471,9 @@ def test_optimizer_state_is_sharded(world: int) -> None:
             # at most one parameter over the mean); allgather owns equal
             # slices, less the alignment padding that falls into a shard
             slack = info["max_param"] if mode == "broadcast" else info["pad"]
-            slack *= total // sum(p.numel() for p in _model(**_OPTIMIZERS[name][1]).parameters()
-                                  if p.requires_grad)  # state tensors per parameter element
+            slack *= total // sum(
+                p.numel() for p in _model(**_OPTIMIZERS[name][1]).parameters() if p.requires_grad
+            )  # state tensors per parameter element
             assert max(per_rank) <= total / world + slack, (name, mode, per_rank, total, slack)
             if mode == "allgather":
                 assert min(per_rank) >= total / world - slack, (name, mode, per_rank, total, slack)
@@ -517,8 +546,7 @@ def test_scheduler_accumulation_clipping(world: int, case: str) -> None:
             _close(g["params"], ref["params"], what)
             assert g["lrs"] == pytest.approx(ref["lrs"], rel=1e-12), what
             if case == "clip":  # the true global norm, as torch computes it on the whole model
-                torch.testing.assert_close(torch.tensor(g["record"]), torch.tensor(ref["record"]),
-                                           rtol=RTOL, atol=ATOL)
+                torch.testing.assert_close(torch.tensor(g["record"]), torch.tensor(ref["record"]), rtol=RTOL, atol=ATOL)
             else:
                 assert g["record"] == pytest.approx(ref["record"], rel=RTOL), what
 
@@ -545,8 +573,8 @@ def test_bf16_working_params_fp32_masters(world: int) -> None:
         full = [torch.full((m.numel(),), math.nan) for m in ref["masters"]]
         for rr in res:
             for idx, start, numel, t in rr["bf16"][mode]["masters"]:
-                assert full[idx][start:start + numel].isnan().all(), "element owned twice"
-                full[idx][start:start + numel] = t
+                assert full[idx][start : start + numel].isnan().all(), "element owned twice"
+                full[idx][start : start + numel] = t
         for i, (got, want, init) in enumerate(zip(full, ref["masters"], ref["init"])):
             name = ref["names"][i]
             want, init = want.reshape(-1), init.reshape(-1)

@@ -8,6 +8,7 @@ the synced parameters and the forward output must match it bitwise.
 
 Each spawned job groups several checks: starting a rank costs seconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -144,8 +145,14 @@ def _job_sync(rank: int, world: int, split_experts: bool, zero_copy: bool, bucke
     out = {}
     for mode in MODES:
         model, ref, init = _make_model(), _make_model(), _make_model()
-        handle = zerocomm.attach(model, mode=mode, expert_filter=is_expert_param, expert_group=egroup,
-                                 bucket_mb=bucket_mb, zero_copy=zero_copy)
+        handle = zerocomm.attach(
+            model,
+            mode=mode,
+            expert_filter=is_expert_param,
+            expert_group=egroup,
+            bucket_mb=bucket_mb,
+            zero_copy=zero_copy,
+        )
         assert [u.name for u in handle.units] == ["dense", "expert"]
         dense, expert = handle.units
         assert len(dense.plan.buckets) >= 2 and len(expert.plan.buckets) >= 2, "want several buckets"
@@ -168,8 +175,9 @@ def _job_sync(rank: int, world: int, split_experts: bool, zero_copy: bool, bucke
             assert torch.equal(model.wpe.weight, init.wpe.weight)  # frozen untouched
         # every synced param really changed (the test is not vacuous)
         init_p = dict(init.named_parameters())
-        unchanged = [s.name for u in handle.units for s in u.plan.params
-                     if torch.equal(s.param.detach(), init_p[s.name])]
+        unchanged = [
+            s.name for u in handle.units for s in u.plan.params if torch.equal(s.param.detach(), init_p[s.name])
+        ]
         assert not unchanged, unchanged
 
         expert_names = {s.name for s in expert.plan.params}
@@ -195,8 +203,7 @@ def _job_overlap(rank: int, world: int) -> dict:
     delay, res = 0.2, {}
     for mode in MODES:
         model, ref = _make_model(), _make_model()
-        handle = zerocomm.attach(model, mode=mode, expert_filter=is_expert_param, expert_group=egroup,
-                                 bucket_mb=0.03)
+        handle = zerocomm.attach(model, mode=mode, expert_filter=is_expert_param, expert_group=egroup, bucket_mb=0.03)
         for u in handle.units:
             u.sched.set_debug_delay(delay)
         handle.enable_tracing()
@@ -262,8 +269,7 @@ def _job_hooks(rank: int, world: int) -> dict:
     res = {}
     for mode in MODES:
         model, ref = _make_skip_model(), _make_skip_model()
-        handle = zerocomm.attach(model, mode=mode, expert_filter=is_expert_param, expert_group=egroup,
-                                 bucket_mb=0.01)
+        handle = zerocomm.attach(model, mode=mode, expert_filter=is_expert_param, expert_group=egroup, bucket_mb=0.01)
         handle.enable_tracing()
         # before the first launch hooks only learn the order: no waits
         for _ in range(2):
@@ -326,7 +332,7 @@ def test_sync_both_modes(world):
         assert len({r[mode]["dense"] for r in res}) == 1, f"{mode}: dense params differ across ranks"
         half = world // 2 if world == 4 else world
         for lo in range(0, world, half):
-            assert len({r[mode]["expert"] for r in res[lo:lo + half]}) == 1
+            assert len({r[mode]["expert"] for r in res[lo : lo + half]}) == 1
         if world == 4:  # different expert groups, different owners -> different values
             assert res[0][mode]["expert"] != res[2][mode]["expert"]
 

@@ -1,4 +1,5 @@
 """Unit tests for zerocomm.blocks, zerocomm.partition and zerocomm.plan (pure Python, CPU, fast)."""
+
 import itertools
 import random
 
@@ -32,8 +33,13 @@ def test_discover_gpt2_like_descends_and_drops_parameter_free_modules():
     m = GPT2Like(n_layers=3)
     got = discover_blocks(m)
     assert [n for n, _ in got] == [
-        "transformer.wte", "transformer.wpe", "transformer.h.0", "transformer.h.1", "transformer.h.2",
-        "transformer.ln_f", "lm_head",
+        "transformer.wte",
+        "transformer.wpe",
+        "transformer.h.0",
+        "transformer.h.1",
+        "transformer.h.2",
+        "transformer.ln_f",
+        "lm_head",
     ]  # transformer.drop has no parameters
     assert got[2][1] is m.transformer.h[0]
     assert got[-1][1] is m.lm_head
@@ -41,7 +47,12 @@ def test_discover_gpt2_like_descends_and_drops_parameter_free_modules():
 
 def test_discover_llama_like():
     assert names(LlamaLike(n_layers=2)) == [
-        "model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+        "model.embed_tokens",
+        "model.layers.0",
+        "model.layers.1",
+        "model.norm",
+        "lm_head",
+    ]
 
 
 class _Stage(nn.Module):
@@ -58,8 +69,13 @@ class _Stage(nn.Module):
 def test_discover_pipeline_chunks_are_prefixed():
     chunks = [_Stage(True, False), _Stage(False, True)]
     assert names(chunks) == [
-        "chunk0.emb", "chunk0.layers.0", "chunk0.layers.1",
-        "chunk1.layers.0", "chunk1.layers.1", "chunk1.norm", "chunk1.head",
+        "chunk0.emb",
+        "chunk0.layers.0",
+        "chunk0.layers.1",
+        "chunk1.layers.0",
+        "chunk1.layers.1",
+        "chunk1.norm",
+        "chunk1.head",
     ]
     # a single chunk passed in a list has no prefix
     assert names([_Stage(True, True, n_layers=1)]) == ["emb", "layers.0", "norm", "head"]
@@ -108,7 +124,11 @@ def test_user_blocks_list_and_rest():
     plan = build_plan(m, mode="allgather", world_size=2, blocks=[m.blocks[0], m.blocks[1]])
     rest = plan.blocks[2]
     assert [plan.params[i].name for i in rest.params] == [
-        "wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]  # head.weight is wte.weight
+        "wte.weight",
+        "wpe.weight",
+        "ln_f.weight",
+        "ln_f.bias",
+    ]  # head.weight is wte.weight
     # a ModuleList means its elements; the chunk root itself is named "<root>"
     assert names(m, blocks=m.blocks) == ["blocks.0", "blocks.1", "<rest>"]
     assert names(m, blocks=[m]) == ["<root>"]
@@ -117,8 +137,14 @@ def test_user_blocks_list_and_rest():
 def test_user_blocks_callable_per_chunk():
     chunks = [_Stage(True, False), _Stage(False, True)]
     got = names(chunks, blocks=lambda ch: list(ch.layers))
-    assert got == ["chunk0.layers.0", "chunk0.layers.1", "chunk0.<rest>",
-                   "chunk1.layers.0", "chunk1.layers.1", "chunk1.<rest>"]
+    assert got == [
+        "chunk0.layers.0",
+        "chunk0.layers.1",
+        "chunk0.<rest>",
+        "chunk1.layers.0",
+        "chunk1.layers.1",
+        "chunk1.<rest>",
+    ]
     # a list spanning chunks is grouped per chunk, each chunk followed by its rest
     got = names(chunks, blocks=[chunks[1].head, chunks[0].emb])
     assert got == ["chunk0.emb", "chunk0.<rest>", "chunk1.head", "chunk1.<rest>"]
@@ -290,10 +316,13 @@ def test_partition_helpers_reject_bad_input():
         balanced_partition([1, -2], 2)
 
 
-@pytest.mark.parametrize("partition,owners,rank_numel", [
-    ("greedy", [0, 0, 0, 0, 1, 1, 2, 2], [40, 40, 20]),
-    ("balanced", [0, 0, 0, 0, 1, 1, 2, 2], [40, 40, 20]),
-])
+@pytest.mark.parametrize(
+    "partition,owners,rank_numel",
+    [
+        ("greedy", [0, 0, 0, 0, 1, 1, 2, 2], [40, 40, 20]),
+        ("balanced", [0, 0, 0, 0, 1, 1, 2, 2], [40, 40, 20]),
+    ],
+)
 def test_broadcast_plan_uses_partition(partition, owners, rank_numel):
     plan = build_plan(chain(10, 10, 10, 10, 30, 10, 10, 10), mode="broadcast", world_size=3, partition=partition)
     assert plan.owner == owners
@@ -311,8 +340,7 @@ def test_summary_shows_per_rank_load_and_imbalance():
     s = greedy.summary()
     assert s == str(greedy)
     lines = s.splitlines()
-    assert lines[0] == ("zerocomm plan: mode=broadcast world_size=2 partition=greedy "
-                        "bucket_mb=25 align_bytes=16")
+    assert lines[0] == ("zerocomm plan: mode=broadcast world_size=2 partition=greedy bucket_mb=25 align_bytes=16")
     assert lines[1] == "6 params (100 elements) in 6 blocks, 1 buckets"
     assert lines[2].split() == ["block", "name", "numel", "ranks", "buckets"]
     assert lines[8].split() == ["5", "5", "50", "0", "0"]
@@ -377,7 +405,10 @@ def test_allgather_groups_consecutive_blocks_up_to_cap():
     m[0].bias.data = m[0].bias.data.double()
     plan = build_plan(m, mode="allgather", world_size=2)
     assert [(b.params, b.dtype) for b in plan.buckets] == [
-        ([0], torch.float32), ([1], torch.float64), ([2, 3], torch.float32)]
+        ([0], torch.float32),
+        ([1], torch.float64),
+        ([2, 3], torch.float32),
+    ]
     assert plan.block_buckets == [[0, 1], [2]]
 
 
@@ -466,12 +497,15 @@ def test_models_are_deterministic_and_leave_global_rng_alone():
     assert a.head.weight is a.wte.weight
 
 
-@pytest.mark.parametrize("make", [
-    lambda: TinyGPT(n_layers=2),
-    lambda: TinyGPT(n_layers=2, n_experts=3, frozen=True),
-    lambda: GPT2Like(),
-    lambda: LlamaLike(),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TinyGPT(n_layers=2),
+        lambda: TinyGPT(n_layers=2, n_experts=3, frozen=True),
+        lambda: GPT2Like(),
+        lambda: LlamaLike(),
+    ],
+)
 def test_models_forward_and_backward(make):
     m = make()
     idx = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -7,6 +7,7 @@ One 2-rank job runs every case in both modes; the single-process reference
 runs each case with plain AdamW on the global batch (the mean of the ranks'
 losses, which is what averaging the gradients computes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -197,13 +198,16 @@ def test_ddp_runs_repeat_bitwise() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case,words", [
-    ("clip_model_params", ["RuntimeError", "modified in place", "zopt.clip_grad_norm_"]),
-    ("unfreeze", ["'blocks.3.weight'", "frozen", "before zerocomm.attach"]),
-    ("assign", ["replaced by a new Parameter", "assign=True"]),
-    ("grad_scaler", ["NotImplementedError", "GradScaler"]),
-    ("grad_scaler_unscale", ["NotImplementedError", "GradScaler"]),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("clip_model_params", ["RuntimeError", "modified in place", "zopt.clip_grad_norm_"]),
+        ("unfreeze", ["'blocks.3.weight'", "frozen", "before zerocomm.attach"]),
+        ("assign", ["replaced by a new Parameter", "assign=True"]),
+        ("grad_scaler", ["NotImplementedError", "GradScaler"]),
+        ("grad_scaler_unscale", ["NotImplementedError", "GradScaler"]),
+    ],
+)
 def test_forbidden_patterns_raise_on_every_rank(case: str, words: list[str], mode: str) -> None:
     res = _results()
     for r in range(WORLD):

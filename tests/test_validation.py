@@ -5,6 +5,7 @@ one rank only) all raise instead of hanging.
 Single-rank checks share one spawned world-size-1 job: starting a rank costs
 seconds. Each check is a module-level function so a failure names it.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,11 @@ def _raises(exc: type[Exception], match: str, fn: Callable[[], object]) -> None:
 
 
 def check_unknown_mode() -> None:
-    _raises(ValueError, r"unknown mode 'scatter': expected one of 'broadcast', 'allgather'",
-            lambda: _attach(Net(), mode="scatter"))
+    _raises(
+        ValueError,
+        r"unknown mode 'scatter': expected one of 'broadcast', 'allgather'",
+        lambda: _attach(Net(), mode="scatter"),
+    )
 
 
 def check_unknown_partition() -> None:
@@ -102,15 +106,21 @@ def check_model_not_a_module() -> None:
 def check_mixed_devices() -> None:
     model = Net()
     model.head = nn.Linear(4, 2, device="meta")  # meta: a second device without a GPU
-    _raises(ValueError, r"parameters on mixed devices: layers.0.weight is on cpu but head.weight is on meta",
-            lambda: _attach(model))
+    _raises(
+        ValueError,
+        r"parameters on mixed devices: layers.0.weight is on cpu but head.weight is on meta",
+        lambda: _attach(model),
+    )
 
 
 def check_unsupported_dtype() -> None:
     model = Net()
     model.phase = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
-    _raises(ValueError, r"parameter phase has dtype torch.complex64; zerocomm syncs floating parameters only",
-            lambda: _attach(model))
+    _raises(
+        ValueError,
+        r"parameter phase has dtype torch.complex64; zerocomm syncs floating parameters only",
+        lambda: _attach(model),
+    )
 
 
 def check_non_contiguous() -> None:
@@ -130,38 +140,51 @@ def check_optimizer_foreign_param() -> None:
     model = Net()
     stranger = nn.Parameter(torch.zeros(7, 3))
     opt = torch.optim.SGD([*model.parameters(), stranger], lr=0.1)
-    _raises(ValueError,
-            r"optimizer param_groups\[0\]\['params'\]\[6\] \(shape \(7, 3\)\) is not a parameter of the model",
-            lambda: _attach(model, opt))
+    _raises(
+        ValueError,
+        r"optimizer param_groups\[0\]\['params'\]\[6\] \(shape \(7, 3\)\) is not a parameter of the model",
+        lambda: _attach(model, opt),
+    )
 
 
 def check_optimizer_missing_param() -> None:
     model = Net()
     opt = torch.optim.SGD(model.layers.parameters(), lr=0.1)  # head left out
-    _raises(ValueError, r"2 trainable parameter\(s\) are not in the optimizer, e.g. head.weight",
-            lambda: _attach(model, opt))
+    _raises(
+        ValueError,
+        r"2 trainable parameter\(s\) are not in the optimizer, e.g. head.weight",
+        lambda: _attach(model, opt),
+    )
 
 
 def check_optimizer_type() -> None:
-    _raises(TypeError, r"optimizer must be a torch.optim.Optimizer, got list",
-            lambda: _attach(Net(), [torch.zeros(1)]))
+    _raises(TypeError, r"optimizer must be a torch.optim.Optimizer, got list", lambda: _attach(Net(), [torch.zeros(1)]))
 
 
 def check_optimizer_options() -> None:
     model = Net()
-    _raises(TypeError, r"unexpected options without an optimizer: \['master_dtype'\]",
-            lambda: _attach(model, master_dtype=torch.float32))
+    _raises(
+        TypeError,
+        r"unexpected options without an optimizer: \['master_dtype'\]",
+        lambda: _attach(model, master_dtype=torch.float32),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _raises(TypeError, r"unexpected attach options \['momentum'\]", lambda: _attach(model, opt, momentum=0.9))
-    _raises(TypeError, r"master_dtype must be a floating dtype, got torch.int32",
-            lambda: _attach(model, opt, master_dtype=torch.int32))
+    _raises(
+        TypeError,
+        r"master_dtype must be a floating dtype, got torch.int32",
+        lambda: _attach(model, opt, master_dtype=torch.int32),
+    )
 
 
 def check_non_elementwise_in_allgather() -> None:
     model = Net()
     opt = PerTensorNorm(model.parameters(), lr=0.1)
-    _raises(ValueError, r"PerTensorNorm is not an element-wise optimizer.*use mode='broadcast'",
-            lambda: _attach(model, opt, mode="allgather"))
+    _raises(
+        ValueError,
+        r"PerTensorNorm is not an element-wise optimizer.*use mode='broadcast'",
+        lambda: _attach(model, opt, mode="allgather"),
+    )
     _attach(model, opt, mode="broadcast").close()  # the same optimizer is fine there
     _attach(model, opt, mode="allgather", elementwise=True).close()  # explicit override
 
@@ -181,8 +204,11 @@ def check_sparse_grad() -> None:
 def check_second_attach() -> None:
     model = Net()
     first = _attach(model)
-    _raises(ValueError, r"this model already has a zerocomm handle attached: call close\(\) on it first",
-            lambda: _attach(model, mode="allgather"))
+    _raises(
+        ValueError,
+        r"this model already has a zerocomm handle attached: call close\(\) on it first",
+        lambda: _attach(model, mode="allgather"),
+    )
     # the same check through a list of chunks holding the model
     _raises(ValueError, r"already has a zerocomm handle attached", lambda: _attach([model]))
     first.close()
@@ -212,12 +238,28 @@ def check_default_timeout_is_the_groups() -> None:
 
 
 CHECKS = [
-    check_unknown_mode, check_unknown_partition, check_bucket_mb_range, check_align_bytes, check_timeout,
-    check_unknown_transport, check_expert_filter_not_callable, check_model_not_a_module, check_mixed_devices,
-    check_unsupported_dtype, check_non_contiguous, check_no_trainable_parameters,
-    check_optimizer_foreign_param, check_optimizer_missing_param, check_optimizer_type,
-    check_optimizer_options, check_non_elementwise_in_allgather, check_sparse_module, check_sparse_grad,
-    check_second_attach, check_failed_attach_leaves_no_trace, check_default_timeout_is_the_groups,
+    check_unknown_mode,
+    check_unknown_partition,
+    check_bucket_mb_range,
+    check_align_bytes,
+    check_timeout,
+    check_unknown_transport,
+    check_expert_filter_not_callable,
+    check_model_not_a_module,
+    check_mixed_devices,
+    check_unsupported_dtype,
+    check_non_contiguous,
+    check_no_trainable_parameters,
+    check_optimizer_foreign_param,
+    check_optimizer_missing_param,
+    check_optimizer_type,
+    check_optimizer_options,
+    check_non_elementwise_in_allgather,
+    check_sparse_module,
+    check_sparse_grad,
+    check_second_attach,
+    check_failed_attach_leaves_no_trace,
+    check_default_timeout_is_the_groups,
 ]
 
 
@@ -248,8 +290,11 @@ def test_not_initialised() -> None:
     import zerocomm
 
     assert not dist.is_initialized()
-    with pytest.raises(ValueError, match=r"torch.distributed is not initialised: call "
-                                         r"torch.distributed.init_process_group"):
+    with pytest.raises(
+        ValueError,
+        match=r"torch.distributed is not initialised: call "
+        r"torch.distributed.init_process_group",
+    ):
         zerocomm.attach(Net(), mode="broadcast")
 
 
@@ -283,14 +328,23 @@ def _job_mismatch(rank: int, world: int, kind: str) -> float:
 
 # (kind, world, expected message on every rank, or per-rank messages)
 MISMATCHES = {
-    "hidden": (3, r"ranks disagree on the model/plan at entry 2 \(after block 'layers.0'\): "
-                  r"ranks 0,2 have param 'layers.0.weight \(6, 4\) torch.float32'; "
-                  r"rank 1 has param 'layers.0.weight \(7, 4\) torch.float32'"),
-    "extra_layer": (2, r"ranks disagree on the model/plan at entry 7 \(after block 'layers.1'\): "
-                       r"rank 0 has block 'head'; rank 1 has block 'layers.2'"),
-    "bucket_mb": (3, r"ranks disagree on the model/plan at entry 0: "
-                     r"ranks 0,1 have config 'mode=broadcast partition=balanced bucket_mb=25.0 .*'; "
-                     r"rank 2 has config 'mode=broadcast partition=balanced bucket_mb=1.0 "),
+    "hidden": (
+        3,
+        r"ranks disagree on the model/plan at entry 2 \(after block 'layers.0'\): "
+        r"ranks 0,2 have param 'layers.0.weight \(6, 4\) torch.float32'; "
+        r"rank 1 has param 'layers.0.weight \(7, 4\) torch.float32'",
+    ),
+    "extra_layer": (
+        2,
+        r"ranks disagree on the model/plan at entry 7 \(after block 'layers.1'\): "
+        r"rank 0 has block 'head'; rank 1 has block 'layers.2'",
+    ),
+    "bucket_mb": (
+        3,
+        r"ranks disagree on the model/plan at entry 0: "
+        r"ranks 0,1 have config 'mode=broadcast partition=balanced bucket_mb=25.0 .*'; "
+        r"rank 2 has config 'mode=broadcast partition=balanced bucket_mb=1.0 ",
+    ),
 }
 
 
@@ -313,8 +367,9 @@ def test_check_failing_on_one_rank_fails_all() -> None:
     assert "unknown mode 'bogus'" in results[1]["error"]
     # rank 0's own input was fine: it hears of rank 1's error instead of hanging
     assert results[0].get("type") == "ValueError", results[0]
-    assert ("zerocomm.attach failed on another rank, so no rank proceeds "
-            "(rank 1: ValueError: unknown mode 'bogus'") in results[0]["error"]
+    assert (
+        "zerocomm.attach failed on another rank, so no rank proceeds (rank 1: ValueError: unknown mode 'bogus'"
+    ) in results[0]["error"]
 
 
 def test_describe_mismatch_unit() -> None:
@@ -335,6 +390,9 @@ def test_optimizer_options_are_the_constructor_keywords() -> None:
 
     from zerocomm.optimizer import ZeroOptimizer
 
-    kw = {n for n, p in inspect.signature(ZeroOptimizer.__init__).parameters.items()
-          if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    kw = {
+        n
+        for n, p in inspect.signature(ZeroOptimizer.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
     assert ZeroOptimizer.OPTIONS == kw

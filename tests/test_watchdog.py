@@ -3,6 +3,7 @@
 Each scenario that could hang before the fix runs in a subprocess under a
 hard timeout, so a regression fails the test instead of stalling the suite.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def run_py(code: str, timeout: float = 90.0) -> tuple[int, float, str]:
     """Runs `code` in a fresh interpreter; (exit code, seconds, output)."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, timeout=timeout,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, timeout=timeout, capture_output=True, text=True
+    )
     return p.returncode, time.monotonic() - t0, p.stdout + p.stderr
 
 
@@ -54,8 +56,14 @@ def test_abort_then_check_and_collectives_raise_aborted() -> None:
     s.host_synchronize()
     s.abort()
     assert s.aborted and comm.aborted
-    for call in (comm.check_error, s.check, s.host_synchronize, s.synchronize, lambda: s.launch([0]),
-                 lambda: s.wait_param(0)):
+    for call in (
+        comm.check_error,
+        s.check,
+        s.host_synchronize,
+        s.synchronize,
+        lambda: s.launch([0]),
+        lambda: s.wait_param(0),
+    ):
         with pytest.raises(RuntimeError, match="aborted"):
             call()
     comm.abort()  # idempotent
@@ -80,7 +88,9 @@ def test_c10d_communicator_after_abort() -> None:
 def test_watchdog_fires_without_any_host_wait() -> None:
     """The CUDA case on CPU: nobody waits on the host, yet after the timeout
     the watchdog has aborted the communicator and the next call raises."""
-    rc, secs, out = run_py(RAW + """
+    rc, secs, out = run_py(
+        RAW
+        + """
 s, comm = make(%r, 1000)
 s.launch([0])
 t0 = time.monotonic()
@@ -95,7 +105,10 @@ except RuntimeError as e:
 t1 = time.monotonic()
 del s
 print("deleted_in", round(time.monotonic() - t1, 2))
-""" % HUGE_US, timeout=60)
+"""
+        % HUGE_US,
+        timeout=60,
+    )
     assert rc == 0, out
     aborted_after = float(out.split("aborted_after ")[1].split()[0])
     assert aborted_after <= 1.0 + 1.0, out
@@ -105,7 +118,9 @@ print("deleted_in", round(time.monotonic() - t1, 2))
 
 
 def test_debug_delay_is_abortable() -> None:
-    rc, secs, out = run_py(RAW + """
+    rc, secs, out = run_py(
+        RAW
+        + """
 s, comm = make(0.0, 600000)
 s.set_debug_delay(300.0)
 s.launch([0])
@@ -114,7 +129,9 @@ t0 = time.monotonic()
 s.abort()
 del s
 print("gone_in", round(time.monotonic() - t0, 2))
-""", timeout=60)
+""",
+        timeout=60,
+    )
     assert rc == 0, out
     assert float(out.split("gone_in ")[1].split()[0]) < 2.0, out
 
@@ -124,7 +141,9 @@ def test_exit_with_open_handles_returns_promptly() -> None:
     stalled sync in a global, and an attached handle mid-sync. Exits rc 0
     within the timeout plus seconds (the atexit close and the destructors
     join every native thread)."""
-    rc, secs, out = run_py(RAW + """
+    rc, secs, out = run_py(
+        RAW
+        + """
 import os, torch.distributed as dist, zerocomm
 from torch import nn
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
@@ -136,7 +155,10 @@ h = zerocomm.attach(model, transport=zerocomm.transport.SimulatedTransport(laten
 h.launch()
 healthy = zerocomm.attach(nn.Linear(4, 4))  # open, idle
 print("exiting", flush=True)
-""" % (HUGE_US, HUGE_US), timeout=90)
+"""
+        % (HUGE_US, HUGE_US),
+        timeout=90,
+    )
     assert rc == 0, out
     assert "exiting" in out and "terminate called" not in out, out
 
@@ -145,8 +167,7 @@ def _sim_job(rank: int, world: int) -> dict:
     import zerocomm
 
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
-    h = zerocomm.attach(model, transport=zerocomm.transport.SimulatedTransport(latency_us=HUGE_US),
-                        timeout=2.0)
+    h = zerocomm.attach(model, transport=zerocomm.transport.SimulatedTransport(latency_us=HUGE_US), timeout=2.0)
     h.launch()
     t0 = time.monotonic()
     try:

@@ -1,4 +1,5 @@
 """zerocomm: a ZeRO-1 communication runtime for PyTorch."""
+
 from __future__ import annotations
 
 from typing import Any

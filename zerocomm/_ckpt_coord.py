@@ -3,6 +3,7 @@ call's own, created with its `timeout`, over which every rank shares its
 verdict after each step. So all ranks raise the same error or all succeed,
 and a stalled peer costs `timeout`, not the training group's 30 minutes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -54,8 +55,10 @@ class Coordinator:
     what: str
 
     def _collective_failed(self, step: str, e: BaseException) -> CheckpointError:
-        return CheckpointError(f"{self.what}: {step}: lost a peer (it crashed, stalled for more than "
-                               f"timeout={self.timeout:g} s, or did not make this call): {describe(e)}")
+        return CheckpointError(
+            f"{self.what}: {step}: lost a peer (it crashed, stalled for more than "
+            f"timeout={self.timeout:g} s, or did not make this call): {describe(e)}"
+        )
 
     def agree(self, error: BaseException | None, step: str) -> None:
         mine = None if error is None else describe(error)
@@ -72,8 +75,9 @@ class Coordinator:
             if v is not None:
                 by_message.setdefault(v, []).append(r)
         if by_message:
-            msg = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {v}"
-                            for v, rs in by_message.items())
+            msg = "; ".join(
+                f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {v}" for v, rs in by_message.items()
+            )
             raise CheckpointError(f"{self.what} failed while {step} ({msg})") from error
 
     def all_gather(self, value: Any, step: str) -> list[Any]:
@@ -107,11 +111,14 @@ def coordination(group: dist.ProcessGroup | None, timeout: float | None, what: s
     # Created by every member, first thing in the call, so the groups'
     # names (a per-process counter) stay in step across ranks.
     try:
-        own = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo",
-                             timeout=timedelta(seconds=seconds), use_local_synchronization=True)
+        own = dist.new_group(
+            ranks=dist.get_process_group_ranks(group),
+            backend="gloo",
+            timeout=timedelta(seconds=seconds),
+            use_local_synchronization=True,
+        )
     except Exception as e:
-        raise CheckpointError(f"{what}: could not set up its process group within {seconds:g} s: "
-                              f"{describe(e)}") from e
+        raise CheckpointError(f"{what}: could not set up its process group within {seconds:g} s: {describe(e)}") from e
     try:
         pg = cast(dist.ProcessGroup, own)
         yield Coordinator(pg, dist.get_rank(pg), dist.get_world_size(pg), seconds, what)

@@ -11,6 +11,7 @@ Layout of a checkpoint directory written by zerocomm:
 Only a directory holding that marker is treated as zerocomm's: anything else at
 a checkpoint path is refused, never moved or removed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,10 @@ def short_weights_only_error(e: Exception) -> str:
     """torch.load(weights_only=True)'s refusal is a page of advice; the line
     naming the refused global is what matters here."""
     lines = [ln.strip() for ln in str(e).splitlines()]
-    return next((ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln),
-                lines[0] if lines else type(e).__name__)
+    return next(
+        (ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln),
+        lines[0] if lines else type(e).__name__,
+    )
 
 
 # ------------------------------------------------------------------ paths
@@ -102,10 +105,18 @@ def foreign(path: str) -> str | None:
     if not os.path.isdir(path):
         return f"{path} exists and is not a directory (a zerocomm checkpoint is a directory)"
     if read_marker(path) is None:
-        hint = (" (it holds a .metadata: a checkpoint of torch.distributed.checkpoint or of zerocomm before "
-                f"checkpoint format {FORMAT})") if os.path.exists(os.path.join(path, METADATA)) else ""
-        return (f"{path} exists and is not a zerocomm checkpoint (no {MARKER}){hint}; zerocomm never "
-                "overwrites or removes what it did not write: choose another path or move it yourself")
+        hint = (
+            (
+                " (it holds a .metadata: a checkpoint of torch.distributed.checkpoint or of zerocomm before "
+                f"checkpoint format {FORMAT})"
+            )
+            if os.path.exists(os.path.join(path, METADATA))
+            else ""
+        )
+        return (
+            f"{path} exists and is not a zerocomm checkpoint (no {MARKER}){hint}; zerocomm never "
+            "overwrites or removes what it did not write: choose another path or move it yourself"
+        )
     return None
 
 
@@ -195,18 +206,21 @@ def acquire(paths: Paths, token: str) -> Lock:
         try:
             fd = os.open(paths.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except PermissionError as e:
-            raise PermissionError(f"cannot write in {paths.parent} (for the lock file of {paths.target}): "
-                                  f"{e.strerror}") from None
+            raise PermissionError(
+                f"cannot write in {paths.parent} (for the lock file of {paths.target}): {e.strerror}"
+            ) from None
         except FileExistsError:
             holder = read_json(paths.lock)
             if attempt < 2 and _stale(paths.lock, holder):
                 _break(paths.lock, holder, token)
                 continue
-            who = (f"host {holder.get('host')}, pid {holder.get('pid')}" if isinstance(holder, dict)
-                   else "unknown holder")
+            who = (
+                f"host {holder.get('host')}, pid {holder.get('pid')}" if isinstance(holder, dict) else "unknown holder"
+            )
             raise CheckpointError(
                 f"another save to {paths.target} is in progress (lock file {paths.lock}, {who}); "
-                "wait for it to finish, or delete the lock file if no save is running") from None
+                "wait for it to finish, or delete the lock file if no save is running"
+            ) from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(info, f)
             f.flush()
@@ -239,8 +253,7 @@ def begin_save(paths: Paths, token: str) -> tuple[Lock, str]:
             remove_checkpoint(paths.old)  # ours (checked above), a crash after both renames left it
         for entry in os.listdir(paths.parent):
             d = os.path.join(paths.parent, entry)
-            if paths.is_temp(entry) and (os.path.exists(os.path.join(d, SAVING_MARK))
-                                         or read_marker(d) is not None):
+            if paths.is_temp(entry) and (os.path.exists(os.path.join(d, SAVING_MARK)) or read_marker(d) is not None):
                 shutil.rmtree(d, ignore_errors=True)  # a crashed save's leftovers (we hold the lock)
         tmp = paths.temp(token)
         os.mkdir(tmp)
@@ -263,7 +276,8 @@ def entries_bytes(entries: dict[str, Any]) -> bytes:
         raise TypeError(
             "step and extra must be plain data (dicts, lists, tuples, tensors, numbers, strings, "
             f"None), so that load() can read them without running code from the file: "
-            f"{short_weights_only_error(e)}") from None
+            f"{short_weights_only_error(e)}"
+        ) from None
     return buf.getvalue()
 
 
@@ -293,18 +307,17 @@ def replace_dir(tmp: str, target: str, old: str) -> None:
         remove_checkpoint(old)
 
 
-def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], token: str,
-                needed: set[str]) -> None:
+def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], token: str, needed: set[str]) -> None:
     """Rank 0, after every rank wrote and hashed its files: check that `tmp`
     holds this save's complete output (`needed`: the data files its
     .metadata refers to), seal it with the marker, move it into place."""
     missing = sorted(f for f in needed | {METADATA, ENTRIES} if not os.path.isfile(os.path.join(tmp, f)))
     unhashed = sorted(needed - digests.keys())
     if missing or unhashed:
-        raise CheckpointError(f"the save in {tmp} is incomplete: missing {missing}, "
-                              f"not written by any rank of this save {unhashed}")
-    files = {**digests, METADATA: sha256(os.path.join(tmp, METADATA)),
-             ENTRIES: sha256(os.path.join(tmp, ENTRIES))}
+        raise CheckpointError(
+            f"the save in {tmp} is incomplete: missing {missing}, not written by any rank of this save {unhashed}"
+        )
+    files = {**digests, METADATA: sha256(os.path.join(tmp, METADATA)), ENTRIES: sha256(os.path.join(tmp, ENTRIES))}
     marker = {"kind": KIND, "format": FORMAT, "token": token, "files": files}
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=1, sort_keys=True)
@@ -313,8 +326,9 @@ def finish_save(paths: Paths, tmp: str, lock: Lock, digests: dict[str, str], tok
     os.unlink(os.path.join(tmp, SAVING_MARK))
     fsync_dir(tmp)
     if not lock.owned():
-        raise CheckpointError(f"lost the lock {paths.lock} during the save (deleted by hand?): "
-                              f"{paths.target} left unchanged")
+        raise CheckpointError(
+            f"lost the lock {paths.lock} during the save (deleted by hand?): {paths.target} left unchanged"
+        )
     why = foreign(paths.target)
     if why is not None:
         raise FileExistsError(why)

@@ -6,6 +6,7 @@ asks for. Here `.metadata` goes through an unpickler that admits only the
 classes DCP writes into it (`trusted=True` skips that), and every other
 object is read with `weights_only=True`.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,13 +33,25 @@ from ._ckpt_fs import (
 )
 
 _METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
     ("pathlib", "PureWindowsPath"),
 }
 
@@ -49,11 +62,13 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _METADATA_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"{module}.{name} is not one of the classes torch.distributed.checkpoint writes "
-            "into .metadata; refusing to call it (pass trusted=True only for a file you trust)")
+            "into .metadata; refusing to call it (pass trusted=True only for a file you trust)"
+        )
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -113,8 +128,7 @@ def open_checkpoint(path: str, trusted: bool) -> Opened:
     if marker is None:
         raise FileNotFoundError(f"{path} is not a zerocomm checkpoint (no valid {MARKER})")
     if marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
-        raise ValueError(f"{path} has checkpoint format {marker.get('format')!r}; this zerocomm "
-                         f"reads format {FORMAT}")
+        raise ValueError(f"{path} has checkpoint format {marker.get('format')!r}; this zerocomm reads format {FORMAT}")
     entries_file = os.path.join(path, ENTRIES)
     verify(path, marker, [ENTRIES, METADATA])
     try:

@@ -19,6 +19,7 @@ A rank's piece is a plain tensor carrying DCP's `CheckpointableTensor` fields
 (global shape and offset), so DCP itself records the chunks at save and reads,
 at load, exactly the overlap of the saved chunks with the new owner's piece.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -45,8 +46,12 @@ STATE, MASTER, MODEL = "optim.state.", "optim.master.", "model."
 def _piece(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
     """`t` (1-D, this rank's elements [start, start + numel) of a tensor of
     `total` elements) tagged so DCP treats it as one chunk of that tensor."""
-    for attr, value in (("global_shape", (total,)), ("global_offsets", ((start,),)),
-                        ("local_offsets", ((0,),)), ("local_sizes", ((t.numel(),),))):
+    for attr, value in (
+        ("global_shape", (total,)),
+        ("global_offsets", ((start,),)),
+        ("local_offsets", ((0,),)),
+        ("local_sizes", ((t.numel(),),)),
+    ):
         setattr(t, attr, value)  # what DCP reads off a tensor that is one chunk of a larger one
     return t
 
@@ -59,7 +64,7 @@ def _param_names(zopt: "ShardedOptimizer") -> list[str]:
 def _group_names(zopt: "ShardedOptimizer") -> list[list[str]]:
     names, out, k = _param_names(zopt), [], 0
     for size in zopt.user_group_sizes:
-        out.append(names[k:k + size])
+        out.append(names[k : k + size])
         k += size
     return out
 
@@ -97,7 +102,7 @@ def by_param(entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, v in entries.items():
         if key.startswith(STATE):
-            name, _, k = key[len(STATE):].rpartition(".")
+            name, _, k = key[len(STATE) :].rpartition(".")
             out.setdefault(name, {})[k] = v
     return out
 
@@ -185,33 +190,41 @@ def _names_diff(got: list[str], want: list[str]) -> str | None:
         return None
     parts = []
     if surplus:
-        parts.append(f"the checkpoint has {len(surplus)} entries the model lacks: {surplus[:5]}"
-                     + (" ..." if len(surplus) > 5 else ""))
+        parts.append(
+            f"the checkpoint has {len(surplus)} entries the model lacks: {surplus[:5]}"
+            + (" ..." if len(surplus) > 5 else "")
+        )
     if lacking:
-        parts.append(f"the model has {len(lacking)} entries the checkpoint lacks: {lacking[:5]}"
-                     + (" ..." if len(lacking) > 5 else ""))
+        parts.append(
+            f"the model has {len(lacking)} entries the checkpoint lacks: {lacking[:5]}"
+            + (" ..." if len(lacking) > 5 else "")
+        )
     return "; ".join(parts) + " (a different model architecture or number of layers?)"
 
 
 def _live_model(zopt: "ShardedOptimizer") -> dict[str, torch.Tensor]:
-    return {chunk_prefix(c, len(zopt.chunks)) + k: v for c, chunk in enumerate(zopt.chunks)
-            for k, v in chunk.state_dict(keep_vars=False).items()}
+    return {
+        chunk_prefix(c, len(zopt.chunks)) + k: v
+        for c, chunk in enumerate(zopt.chunks)
+        for k, v in chunk.state_dict(keep_vars=False).items()
+    }
 
 
-def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any,
-                      metadata: Metadata | None = None) -> None:
+def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any, metadata: Metadata | None = None) -> None:
     """Every mismatch between a checkpoint and this model/optimizer, named,
     before anything is read into or written to them."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"not a zerocomm checkpoint (format {FORMAT}): {META} is {meta!r}")
     saved, mine = meta.get("optimizer"), type(zopt.optim).__name__
     if saved != mine:
-        raise ValueError(f"the checkpoint holds {saved} optimizer state but this optimizer is {mine}: "
-                         f"load it into the same optimizer class ({saved}); consolidate() gives the "
-                         "model weights alone")
+        raise ValueError(
+            f"the checkpoint holds {saved} optimizer state but this optimizer is {mine}: "
+            f"load it into the same optimizer class ({saved}); consolidate() gives the "
+            "model weights alone"
+        )
     live = _live_model(zopt)
     if metadata is not None:  # names, shapes and dtypes of the model's tensors
-        md = {k[len(MODEL):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL)}
+        md = {k[len(MODEL) :]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL)}
         diff = _names_diff(list(md), list(live))
         if diff is not None:
             raise ValueError(f"model parameters/buffers do not match the checkpoint: {diff}")
@@ -220,11 +233,14 @@ def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any,
             if not isinstance(m, TensorStorageMetadata):
                 raise ValueError(f"{name!r} is not a tensor in the checkpoint")
             if tuple(m.size) != tuple(t.shape):
-                raise ValueError(f"parameter {name!r} has shape {tuple(m.size)} in the checkpoint but "
-                                 f"{tuple(t.shape)} in the model")
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(m.size)} in the checkpoint but {tuple(t.shape)} in the model"
+                )
             if m.properties.dtype != t.dtype:
-                raise ValueError(f"parameter {name!r} is {m.properties.dtype} in the checkpoint but {t.dtype} "
-                                 "in the model: convert the model (model.to(dtype)) before loading")
+                raise ValueError(
+                    f"parameter {name!r} is {m.properties.dtype} in the checkpoint but {t.dtype} "
+                    "in the model: convert the model (model.to(dtype)) before loading"
+                )
     got, want = meta.get("param_names") or [], _group_names(zopt)
     if got != want:
         flat_got = [n for g in got for n in g] if isinstance(got, list) else []
@@ -236,11 +252,15 @@ def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any,
         for gi, (a, b) in enumerate(zip(got, want)):
             if a != b:
                 first = next((f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y), f"{len(a)} vs {len(b)}")
-                raise ValueError(f"param group {gi} holds other parameters than in the checkpoint "
-                                 f"(checkpoint vs optimizer: {first}): build the same param groups")
+                raise ValueError(
+                    f"param group {gi} holds other parameters than in the checkpoint "
+                    f"(checkpoint vs optimizer: {first}): build the same param groups"
+                )
     if not isinstance(groups, list) or len(groups) != len(zopt.optim.param_groups):
-        raise ValueError(f"checkpoint has {len(groups) if isinstance(groups, list) else groups!r} param "
-                         f"groups but the optimizer has {len(zopt.optim.param_groups)}")
+        raise ValueError(
+            f"checkpoint has {len(groups) if isinstance(groups, list) else groups!r} param "
+            f"groups but the optimizer has {len(zopt.optim.param_groups)}"
+        )
 
 
 @torch.no_grad()
@@ -257,8 +277,9 @@ def load_sharded_state_dict(zopt: "ShardedOptimizer", state_dict: dict[str, Any]
         src = state_dict.get(MODEL + name)
         if not torch.is_tensor(src) or src.shape != dst.shape or src.dtype != dst.dtype:
             what = "missing" if not torch.is_tensor(src) else f"{tuple(src.shape)} {src.dtype}"
-            raise ValueError(f"model entry {name!r} of the loaded state is {what}, the model's is "
-                             f"{tuple(dst.shape)} {dst.dtype}")
+            raise ValueError(
+                f"model entry {name!r} of the loaded state is {what}, the model's is {tuple(dst.shape)} {dst.dtype}"
+            )
         copies.append((dst, src))
     names = _param_names(zopt)
     pos = local_positions(zopt)
@@ -273,17 +294,22 @@ def load_sharded_state_dict(zopt: "ShardedOptimizer", state_dict: dict[str, Any]
                 raise ValueError(f"master of {name!r}: {master.numel()} elements loaded, {lp.numel} owned")
             masters.append((lp, master))
         # a piece goes back to the local tensor's shape
-        entry = {k: v.view(lp.tensor.shape) if hasattr(v, "global_shape") else v
-                 for k, v in state.get(name, {}).items()}
+        entry = {
+            k: v.view(lp.tensor.shape) if hasattr(v, "global_shape") else v for k, v in state.get(name, {}).items()
+        }
         if entry:
             local_state[pos[id(lp.tensor)]] = entry
     # Commit. The optimizer first: torch checks its state dict and may still
     # refuse it; the tensor copies below cannot fail any more.
-    zopt.optim.load_state_dict({
-        "state": local_state,
-        "param_groups": [{**hyper, "params": [pos[id(t)] for t in g["params"]]}
-                         for hyper, g in zip(state_dict[GROUPS], zopt.optim.param_groups)],
-    })
+    zopt.optim.load_state_dict(
+        {
+            "state": local_state,
+            "param_groups": [
+                {**hyper, "params": [pos[id(t)] for t in g["params"]]}
+                for hyper, g in zip(state_dict[GROUPS], zopt.optim.param_groups)
+            ],
+        }
+    )
     for dst, src in copies:
         if src.data_ptr() != dst.data_ptr():
             dst.copy_(src)

@@ -1,4 +1,5 @@
 """Loads the compiled core, refusing a binary built against another torch."""
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -15,8 +16,7 @@ def load() -> ModuleType:  # the module zerocomm/_C.pyi describes
         from . import _build_meta
     except ImportError as e:
         raise ImportError(
-            "zerocomm's native core is not built: run "
-            "`pip install --no-build-isolation -e .` in the zerocomm checkout"
+            "zerocomm's native core is not built: run `pip install --no-build-isolation -e .` in the zerocomm checkout"
         ) from e
     if _build_meta.TORCH_VERSION != torch.__version__:
         raise ImportError(

@@ -1,5 +1,6 @@
 """zerocomm.attach: validate the request, then build the parameter sync and,
 with an optimizer, the sharded optimizer around it."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence, cast
@@ -42,8 +43,9 @@ def attach(
     mode: "broadcast" (any optimizer; whole parameters owned per rank) or
     "allgather" (element-wise optimizers; every bucket split evenly).
     """
-    chunks: list[nn.Module] = (list(model) if isinstance(model, (list, tuple, nn.ModuleList))
-                               else [cast(nn.Module, model)])
+    chunks: list[nn.Module] = (
+        list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [cast(nn.Module, model)]
+    )
     group = resolve_group(group)  # not initialised: there are no peers to tell
     # Every check runs before zerocomm's own collectives. The one exchange
     # below shares each rank's verdict, so a check that fails on one rank
@@ -52,21 +54,37 @@ def attach(
     fingerprint: list[tuple] | None = None
     device: torch.device | None = None
     try:
-        check_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
-                      timeout=timeout, transport=transport, expert_filter=expert_filter,
-                      optimizer=optimizer, optimizer_options=optimizer_options,
-                      optimizer_option_names=ZeroOptimizer.OPTIONS)
+        check_options(
+            mode=mode,
+            partition=partition,
+            bucket_mb=bucket_mb,
+            align_bytes=align_bytes,
+            timeout=timeout,
+            transport=transport,
+            expert_filter=expert_filter,
+            optimizer=optimizer,
+            optimizer_options=optimizer_options,
+            optimizer_option_names=ZeroOptimizer.OPTIONS,
+        )
         device = check_model(chunks, optimizer)
         for c in chunks:
             if getattr(c, _ATTACHED, None) is not None:
-                raise ValueError(
-                    "this model already has a zerocomm handle attached: call close() on it first"
-                )
-        units = plan_units(chunks, mode=mode, group=group, expert_group=expert_group,
-                           expert_filter=expert_filter, transport=transport, partition=partition,
-                           bucket_mb=bucket_mb, align_bytes=align_bytes, blocks=blocks)
-        fingerprint = plan_fingerprint([(u.name, u.plan) for u in units],
-                                       optimizer=type(optimizer).__name__ if optimizer is not None else "none")
+                raise ValueError("this model already has a zerocomm handle attached: call close() on it first")
+        units = plan_units(
+            chunks,
+            mode=mode,
+            group=group,
+            expert_group=expert_group,
+            expert_filter=expert_filter,
+            transport=transport,
+            partition=partition,
+            bucket_mb=bucket_mb,
+            align_bytes=align_bytes,
+            blocks=blocks,
+        )
+        fingerprint = plan_fingerprint(
+            [(u.name, u.plan) for u in units], optimizer=type(optimizer).__name__ if optimizer is not None else "none"
+        )
     except Exception as e:  # raised below, after the peers have heard of it
         error = e
     check_plan_consistent(fingerprint, error, group=group, device=device)
@@ -74,14 +92,31 @@ def attach(
     assert device is not None  # check_model ran: any failure was raised above
     handle: ParamSync | ZeroOptimizer
     if optimizer is None:
-        handle = ParamSync(chunks, mode=mode, units=units, transport=transport, timeout_s=timeout_s,
-                           high_priority=high_priority, zero_copy=zero_copy, device=device,
-                           copy_in_params=True)
+        handle = ParamSync(
+            chunks,
+            mode=mode,
+            units=units,
+            transport=transport,
+            timeout_s=timeout_s,
+            high_priority=high_priority,
+            zero_copy=zero_copy,
+            device=device,
+            copy_in_params=True,
+        )
         sync = handle
     else:
-        handle = ZeroOptimizer(chunks, optimizer, mode=mode, units=units, transport=transport,
-                               timeout_s=timeout_s, high_priority=high_priority, zero_copy=zero_copy,
-                               device=device, **optimizer_options)
+        handle = ZeroOptimizer(
+            chunks,
+            optimizer,
+            mode=mode,
+            units=units,
+            transport=transport,
+            timeout_s=timeout_s,
+            high_priority=high_priority,
+            zero_copy=zero_copy,
+            device=device,
+            **optimizer_options,
+        )
         sync = handle.sync
     for c in chunks:
         setattr(c, _ATTACHED, handle)

@@ -1,6 +1,7 @@
 """Block discovery: a model (or its pipeline chunks) as blocks in forward
 order, each with its parameters, and the one naming rule for parameters of
 multi-chunk models."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from torch import nn
 
 Chunks = Union[nn.Module, Sequence[nn.Module]]
 BlocksArg = Union[None, Sequence[nn.Module], Callable[[nn.Module], Iterable[nn.Module]]]
+
 
 @dataclass
 class RawBlock:
@@ -78,7 +80,8 @@ def _user_blocks(chunks: list[nn.Module], prefixes: list[str], blocks: BlocksArg
             for m in _block_list(got, f"blocks(chunk {c})"):
                 if id(m) not in qualnames[c]:
                     raise ValueError(
-                        f"blocks(chunk {c}) returned a {type(m).__name__} that is not inside that model chunk")
+                        f"blocks(chunk {c}) returned a {type(m).__name__} that is not inside that model chunk"
+                    )
                 per_chunk[c].append(m)
     else:
         for k, m in enumerate(_block_list(blocks, "blocks")):
@@ -117,7 +120,8 @@ def _block_list(blocks, what: str) -> list[nn.Module]:
         except TypeError:
             raise TypeError(
                 f"{what} must be a list of modules or a callable (chunk) -> list of modules, "
-                f"got {type(blocks).__name__}") from None
+                f"got {type(blocks).__name__}"
+            ) from None
     for k, m in enumerate(blocks):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{what}[{k}] is a {type(m).__name__}, expected torch.nn.Module")

@@ -15,6 +15,7 @@ What is in a checkpoint: `_ckpt_state` (the state dict) and `_ckpt_fs`
   pickled `.metadata` as is), checks every file's sha256, and checks the
   model and optimizer before writing anything into them.
 """
+
 from __future__ import annotations
 
 import glob
@@ -59,8 +60,22 @@ from .blocks import chunk_prefix
 if TYPE_CHECKING:
     from .shards import ShardedOptimizer
 
-__all__ = ["save", "load", "consolidate", "Loaded", "CheckpointError", "DEFAULT_TIMEOUT_S", "OLD_SUFFIX",
-           "sharded_state_dict", "load_sharded_state_dict", "FORMAT", "META", "STEP", "EXTRA", "GROUPS"]
+__all__ = [
+    "save",
+    "load",
+    "consolidate",
+    "Loaded",
+    "CheckpointError",
+    "DEFAULT_TIMEOUT_S",
+    "OLD_SUFFIX",
+    "sharded_state_dict",
+    "load_sharded_state_dict",
+    "FORMAT",
+    "META",
+    "STEP",
+    "EXTRA",
+    "GROUPS",
+]
 
 
 class Loaded(NamedTuple):
@@ -70,8 +85,14 @@ class Loaded(NamedTuple):
     extra: Any
 
 
-def save(path: str | os.PathLike, zopt: "ShardedOptimizer", *, step: Any = None, extra: Any = None,
-         timeout: float | None = None) -> None:
+def save(
+    path: str | os.PathLike,
+    zopt: "ShardedOptimizer",
+    *,
+    step: Any = None,
+    extra: Any = None,
+    timeout: float | None = None,
+) -> None:
     """Write a sharded checkpoint of the model and optimizer to directory
     `path` (collective: every rank calls it; `path` on a shared filesystem).
 
@@ -117,22 +138,30 @@ def _save(path: str | os.PathLike, zopt: "ShardedOptimizer", co: Coordinator, st
         mine: dict[str, str] = {}
         try:
             if not os.path.isdir(tmp):
-                raise FileNotFoundError(f"rank 0 made {tmp}, but this rank does not see it: every rank "
-                                        f"must see the same (shared) filesystem at {paths.parent}")
+                raise FileNotFoundError(
+                    f"rank 0 made {tmp}, but this rank does not see it: every rank "
+                    f"must see the same (shared) filesystem at {paths.parent}"
+                )
             if co.rank == 0:
                 with open(os.path.join(tmp, fs.ENTRIES), "wb") as f:
                     f.write(blob)
                     f.flush()
                     os.fsync(f.fileno())
-            dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp), process_group=co.group,
-                     planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=co.world == 1)
+            dcp.save(
+                sd,
+                storage_writer=dcp.FileSystemWriter(tmp),
+                process_group=co.group,
+                planner=DefaultSavePlanner(flatten_state_dict=False),
+                no_dist=co.world == 1,
+            )
             for file in glob.glob(os.path.join(glob.escape(tmp), f"__{co.rank}_*.distcp")):
                 mine[os.path.basename(file)] = fs.sha256(file)
         except BaseException as e:
             err = as_exception(e)
         co.agree(err, "writing")
-        digests = {name: h for ranks_files in co.all_gather(mine, "collecting checksums")
-                   for name, h in ranks_files.items()}
+        digests = {
+            name: h for ranks_files in co.all_gather(mine, "collecting checksums") for name, h in ranks_files.items()
+        }
         try:
             if co.rank == 0:
                 assert lock is not None
@@ -149,8 +178,9 @@ def _save(path: str | os.PathLike, zopt: "ShardedOptimizer", co: Coordinator, st
             lock.release()
 
 
-def load(path: str | os.PathLike, zopt: "ShardedOptimizer", *, timeout: float | None = None,
-         trusted: bool = False) -> Loaded:
+def load(
+    path: str | os.PathLike, zopt: "ShardedOptimizer", *, timeout: float | None = None, trusted: bool = False
+) -> Loaded:
     """Restore model parameters, optimizer state and hyper-parameters from a
     checkpoint written by `save()` on any world size and in either mode
     (collective). Returns `(step, extra)` as given to `save()`.
@@ -168,18 +198,21 @@ def load(path: str | os.PathLike, zopt: "ShardedOptimizer", *, timeout: float | 
         try:
             opened = open_checkpoint(fs.resolve(fs.normalise(path)), trusted)
             data = sorted(f for f in opened.marker["files"] if f not in (fs.ENTRIES, fs.METADATA))
-            fs.verify(opened.path, opened.marker, data[co.rank::co.world])  # each rank a share
-            check_compatible(zopt, opened.entries.get("meta"), opened.entries.get("param_groups"),
-                              opened.metadata)
+            fs.verify(opened.path, opened.marker, data[co.rank :: co.world])  # each rank a share
+            check_compatible(zopt, opened.entries.get("meta"), opened.entries.get("param_groups"), opened.metadata)
             sd = sharded_state_dict(zopt, metadata=opened.metadata)
         except Exception as e:
             err = e
         co.agree(err, "checking the checkpoint")
         assert opened is not None
         try:
-            dcp.load(sd, storage_reader=SafeReader(opened.path, trusted=trusted), process_group=co.group,
-                     planner=SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-                     no_dist=co.world == 1)
+            dcp.load(
+                sd,
+                storage_reader=SafeReader(opened.path, trusted=trusted),
+                process_group=co.group,
+                planner=SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+                no_dist=co.world == 1,
+            )
             check_unchanged(opened)
         except BaseException as e:
             err = as_exception(e)
@@ -211,16 +244,19 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
     # metadata, assembling each tensor from all saved chunks (dcp.load would
     # only fill the keys `sd` already has).
     try:
-        _load_state_dict(sd, storage_reader=SafeReader(opened.path, trusted=trusted),
-                         planner=SafeEmptyLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-                         no_dist=True)
+        _load_state_dict(
+            sd,
+            storage_reader=SafeReader(opened.path, trusted=trusted),
+            planner=SafeEmptyLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+            no_dist=True,
+        )
     except CheckpointException as e:
         raise as_exception(e) from e
     check_unchanged(opened)
     meta = opened.entries.get("meta")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a zerocomm checkpoint (meta format {FORMAT})")
-    whole = {k[len(MODEL):]: v for k, v in sd.items() if k.startswith(MODEL)}
+    whole = {k[len(MODEL) :]: v for k, v in sd.items() if k.startswith(MODEL)}
     model: dict[str, Any] | list[dict[str, Any]] = whole
     saved = by_param(sd)
     state: dict[int, dict[str, Any]] = {}
@@ -229,22 +265,24 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
         groups.append({**hyper, "params": list(range(idx, idx + len(names)))})
         for name in names:
             shape = model[name].shape  # element-wise state was saved flattened
-            entry = {k: v.view(shape) if torch.is_tensor(v) and tuple(v.shape) == (shape.numel(),) else v
-                     for k, v in saved.get(name, {}).items()}
+            entry = {
+                k: v.view(shape) if torch.is_tensor(v) and tuple(v.shape) == (shape.numel(),) else v
+                for k, v in saved.get(name, {}).items()
+            }
             if entry:
                 state[idx] = entry
             idx += 1
     n = meta.get("n_chunks", 1)
     if n > 1:
         prefixes = [chunk_prefix(c, n) for c in range(n)]
-        model = [{k[len(pre):]: v for k, v in whole.items() if k.startswith(pre)} for pre in prefixes]
+        model = [{k[len(pre) :]: v for k, v in whole.items() if k.startswith(pre)} for pre in prefixes]
     out: dict[str, Any] = {
         "model": model,
         "optimizer": {"state": state, "param_groups": groups},
         "step": opened.entries.get("step"),
         "extra": opened.entries.get("extra"),
     }
-    masters = {k[len(MASTER):]: v for k, v in sd.items() if k.startswith(MASTER)}
+    masters = {k[len(MASTER) :]: v for k, v in sd.items() if k.startswith(MASTER)}
     if masters:
         out["master"] = masters
     torch.save(out, os.fspath(out_file))

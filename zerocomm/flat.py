@@ -1,4 +1,5 @@
 """Fused flatten / unflatten of many tensors into one flat buffer."""
+
 from __future__ import annotations
 
 from typing import Sequence

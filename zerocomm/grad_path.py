@@ -2,6 +2,7 @@
 one step" 3): post-accumulate-grad hooks hand each bucket to the reduction
 as soon as backward has produced all its gradients; `finish()` launches the
 rest, waits, and agrees across ranks which parameters have a gradient."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,8 +40,7 @@ class GradPath:
         self.ddp: nn.Module | None = None  # the DDP wrapper whose all-reduce made this step's grads
         self.has_grad: list[list[bool]] | None = None  # per unit, per plan param, once finished
         self._watch = guards.GradWatch()
-        self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s)
-                          for u in units]
+        self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s) for u in units]
         self._handles: list[Any] = []
         self._states = [self._arm(ui, u) for ui, u in enumerate(units)]
 
@@ -48,8 +48,7 @@ class GradPath:
         # Backward produces grads roughly in reverse forward order; the order
         # is fixed so every rank issues the reductions identically.
         plan = u.plan
-        st = GradState(order=list(reversed(range(len(plan.buckets)))),
-                       pending=[len(b.params) for b in plan.buckets])
+        st = GradState(order=list(reversed(range(len(plan.buckets)))), pending=[len(b.params) for b in plan.buckets])
         for b in plan.buckets:
             for i in b.params:
                 p = plan.params[i].param

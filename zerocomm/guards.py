@@ -11,6 +11,7 @@ writes between steps]).
   all-reduce then produces the gradients (reduce once, never twice).
 - `check_trainable`: `requires_grad` turned on after attach.
 """
+
 from __future__ import annotations
 
 import uuid

@@ -4,6 +4,7 @@ The wait is `SyncScheduler.wait_param`: on CUDA the current stream waits on
 the bucket's event (GPU-side, no host sync); on CPU the host blocks on the
 bucket's completion flag. Nothing here calls `Work.wait()`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

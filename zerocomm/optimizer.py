@@ -1,6 +1,7 @@
 """ZeroOptimizer: the user's optimizer rebuilt over this rank's shard (ZeRO-1),
 with gradient reduction overlapped with backward and the parameter sync
 overlapped with the next forward (docs/design.md, "Data flow of one step" 3-4)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._param_names = tuple(names.get(id(p), f"param {i}") for i, p in enumerate(self._user_params))
         self._group_sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
         self._user_params_view = tuple(self._user_params)
-        self._unplanned = [(names.get(id(p), f"param {i}"), p)
-                           for i, p in enumerate(self._user_params) if id(p) not in planned]
+        self._unplanned = [
+            (names.get(id(p), f"param {i}"), p) for i, p in enumerate(self._user_params) if id(p) not in planned
+        ]
         self._versions: list[int] = []
         self._grads_bound = False
         self._hooks: list[Any] = []
@@ -161,15 +163,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for ui, u in enumerate(self.units):
             grads = [lp.tensor.grad for lp in self.buffers.locals(ui) if lp.tensor.grad is not None]
             if norm_type == math.inf:
-                part = max((g.detach().abs().max().float() for g in grads if g.numel()),
-                           default=torch.zeros((), device=self.device))
+                part = max(
+                    (g.detach().abs().max().float() for g in grads if g.numel()),
+                    default=torch.zeros((), device=self.device),
+                )
                 part = torch.as_tensor(part, dtype=torch.float32, device=self.device).clone()
                 if u.transport.world_size > 1:
                     dist.all_reduce(part, op=dist.ReduceOp.MAX, group=u.group)
                 total = torch.maximum(total, part)
             else:
-                part = sum((g.detach().float().norm(norm_type) ** norm_type for g in grads),
-                           torch.zeros((), device=self.device))
+                part = sum(
+                    (g.detach().float().norm(norm_type) ** norm_type for g in grads),
+                    torch.zeros((), device=self.device),
+                )
                 if u.transport.world_size > 1:
                     dist.all_reduce(part, group=u.group)
                 total = total + part
@@ -361,8 +367,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         raise NotImplementedError(
-            "add_param_group after attach is not supported: add the group to the optimizer "
-            "before zerocomm.attach"
+            "add_param_group after attach is not supported: add the group to the optimizer before zerocomm.attach"
         )
 
     # -- telemetry passthrough -------------------------------------------
@@ -380,8 +385,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def optimizer_state_numel(self) -> int:
         """Elements of optimizer state held by this rank (tensors only)."""
-        return sum(v.numel() for s in self.optim.state.values() for v in s.values()
-                   if torch.is_tensor(v) and v.dim() > 0)
+        return sum(
+            v.numel() for s in self.optim.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+        )
 
     # -- checkpoint ---------------------------------------------------------
     def state_dict(self, to_rank: int | None = None) -> dict:

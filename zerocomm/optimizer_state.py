@@ -1,5 +1,6 @@
 """Optimizer state in the unsharded optimizer's own format, assembled from
 (or split into) every rank's shard."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,7 +52,7 @@ def consolidated_state_dict(zopt: ShardedOptimizer, to_rank: int | None = None) 
                     buf = full.get(k)
                     if buf is None:
                         buf = full[k] = torch.zeros(p.numel(), dtype=v.dtype)
-                    buf.view(-1)[start:start + numel] = v.view(-1)
+                    buf.view(-1)[start : start + numel] = v.view(-1)
                 else:
                     full.setdefault(k, v)
     for idx, full in state.items():
@@ -72,8 +73,7 @@ def load_consolidated_state_dict(zopt: ShardedOptimizer, sd: dict) -> None:
     slices it owns. Every rank must pass the same dict."""
     if len(sd["param_groups"]) != len(zopt.user_group_sizes):
         raise ValueError(
-            f"state_dict has {len(sd['param_groups'])} param groups but the optimizer has "
-            f"{len(zopt.user_group_sizes)}"
+            f"state_dict has {len(sd['param_groups'])} param groups but the optimizer has {len(zopt.user_group_sizes)}"
         )
     pos = local_positions(zopt)
     local_state: dict[int, dict[str, Any]] = {}
@@ -85,7 +85,7 @@ def load_consolidated_state_dict(zopt: ShardedOptimizer, sd: dict) -> None:
         entry = {}
         for k, v in full.items():
             if torch.is_tensor(v) and v.dim() > 0 and v.numel() == p.numel():
-                v = v.reshape(-1)[lp.start:lp.start + lp.numel].view(lp.tensor.shape).clone()
+                v = v.reshape(-1)[lp.start : lp.start + lp.numel].view(lp.tensor.shape).clone()
             entry[k] = v
         local_state[pos[id(lp.tensor)]] = entry
     groups = []

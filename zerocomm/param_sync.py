@@ -1,6 +1,7 @@
 """ParamSync: after each optimizer step, deliver every rank's updated
 parameters to all ranks, bucket by bucket on zerocomm's comm stream, while
 the next forward pass already runs (docs/design.md, "Data flow of one step")."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

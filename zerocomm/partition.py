@@ -1,10 +1,12 @@
 """Pure partition algorithms: split a sequence of weights into contiguous
 runs, one per rank (broadcast mode's ownership). No torch, no model."""
+
 from __future__ import annotations
 
 from typing import Sequence
 
 PARTITIONS = ("balanced", "greedy")
+
 
 def _check_weights(weights: Sequence[int], parts: int) -> None:
     if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:

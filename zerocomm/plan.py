@@ -6,6 +6,7 @@ the hooks and the sharded optimizer all read, so it must be a deterministic
 function of the model structure: every rank builds its own plan and they have
 to agree without talking to each other.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Piece(NamedTuple):
     start: int  # first element inside the parameter
     at: int  # first element inside the flat buffer
     numel: int
+
 
 @dataclass
 class ParamSpec:
@@ -159,18 +161,21 @@ class Plan:
             tied |= shared
             ranks = self.block_ranks(b)
             ranks_s = "all" if self.mode == "allgather" else _ranges(ranks)
-            rows.append((str(b), blk.name + (" *" if shared else ""), f"{owned:,}", ranks_s,
-                         _ranges(self.block_buckets[b])))
+            rows.append(
+                (str(b), blk.name + (" *" if shared else ""), f"{owned:,}", ranks_s, _ranges(self.block_buckets[b]))
+            )
         widths = [max(len(r[k]) for r in rows) for k in range(5)]
         for r in rows:
-            lines.append("  ".join(
-                r[k].ljust(widths[k]) if k == 1 else r[k].rjust(widths[k]) for k in range(5)).rstrip())
+            lines.append(
+                "  ".join(r[k].ljust(widths[k]) if k == 1 else r[k].rjust(widths[k]) for k in range(5)).rstrip()
+            )
         if tied:
             lines.append("* also uses parameters owned by an earlier block (tied weights)")
         total = sum(self.rank_numel)
         load_rows: list[tuple[str, ...]] = [("rank", "load", "share")]
-        load_rows += [(str(r), f"{n:,}", f"{100.0 * n / total:.1f}%" if total else "-")
-                      for r, n in enumerate(self.rank_numel)]
+        load_rows += [
+            (str(r), f"{n:,}", f"{100.0 * n / total:.1f}%" if total else "-") for r, n in enumerate(self.rank_numel)
+        ]
         lw = [max(len(r[k]) for r in load_rows) for k in range(3)]
         for r in load_rows:
             lines.append("  ".join(r[k].rjust(lw[k]) for k in range(3)))
@@ -181,8 +186,9 @@ class Plan:
         return self.summary()
 
 
-def check_plan_options(*, mode: object, partition: object, bucket_mb: object, align_bytes: object,
-                       world_size: object = 1) -> None:
+def check_plan_options(
+    *, mode: object, partition: object, bucket_mb: object, align_bytes: object, world_size: object = 1
+) -> None:
     """The one check of the plan's options (attach runs it before anything
     else; build_plan again for direct callers)."""
     if mode not in MODES:
@@ -195,8 +201,12 @@ def check_plan_options(*, mode: object, partition: object, bucket_mb: object, al
         raise TypeError(f"bucket_mb must be a number of MiB, got {type(bucket_mb).__name__}")
     if not (0 < float(bucket_mb) <= 4096):  # also rejects NaN
         raise ValueError(f"bucket_mb must be in (0, 4096] MiB, got {bucket_mb}")
-    if (isinstance(align_bytes, bool) or not isinstance(align_bytes, int) or align_bytes < 1
-            or align_bytes & (align_bytes - 1)):
+    if (
+        isinstance(align_bytes, bool)
+        or not isinstance(align_bytes, int)
+        or align_bytes < 1
+        or align_bytes & (align_bytes - 1)
+    ):
         raise ValueError(f"align_bytes must be a power of two >= 1, got {align_bytes!r}")
 
 
@@ -240,8 +250,9 @@ def build_plan(
     (build one plan for dense and one for expert parameters to sync them over
     different groups). Tied parameters are recorded once, in the first block using them.
     """
-    check_plan_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes,
-                       world_size=world_size)
+    check_plan_options(
+        mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes, world_size=world_size
+    )
     chunk_list = as_chunks(chunks)
     raw = discover(chunk_list, blocks)
 
@@ -275,8 +286,7 @@ def build_plan(
 
     cap = bucket_mb * _MIB
     slot_bytes = [
-        _round_up(p.numel, max(1, align_bytes // _element_size(p.dtype))) * _element_size(p.dtype)
-        for p in params
+        _round_up(p.numel, max(1, align_bytes // _element_size(p.dtype))) * _element_size(p.dtype) for p in params
     ]
     groups: list[list[int]] = []
     if mode == "broadcast":
@@ -286,8 +296,12 @@ def build_plan(
         cur_bytes = 0
         for i, spec in enumerate(params):
             # one launch per run of a rank's consecutive params of one dtype, up to the cap
-            if (groups and owner[groups[-1][-1]] == owner[i] and params[groups[-1][-1]].dtype == spec.dtype
-                    and cur_bytes + slot_bytes[i] <= cap):
+            if (
+                groups
+                and owner[groups[-1][-1]] == owner[i]
+                and params[groups[-1][-1]].dtype == spec.dtype
+                and cur_bytes + slot_bytes[i] <= cap
+            ):
                 groups[-1].append(i)
                 cur_bytes += slot_bytes[i]
             else:
@@ -310,8 +324,7 @@ def build_plan(
                     segs.append([i])
             for seg in segs:
                 seg_bytes = sum(slot_bytes[i] for i in seg)
-                if (groups and params[groups[-1][-1]].dtype == params[seg[0]].dtype
-                        and cur_bytes + seg_bytes <= cap):
+                if groups and params[groups[-1][-1]].dtype == params[seg[0]].dtype and cur_bytes + seg_bytes <= cap:
                     groups[-1].extend(seg)
                     cur_bytes += seg_bytes
                 else:
@@ -333,12 +346,24 @@ def build_plan(
         else:
             padded, shard = off, 0
         blks = list(dict.fromkeys(params[i].block for i in g))
-        buckets.append(Bucket(k, blks, list(g), None if mode == "allgather" else owner[g[0]],
-                              dtype, off, padded, shard, offsets))
+        buckets.append(
+            Bucket(k, blks, list(g), None if mode == "allgather" else owner[g[0]], dtype, off, padded, shard, offsets)
+        )
     if mode == "allgather":
         rank_numel = [sum(b.shard_numel for b in buckets)] * world_size
 
     bucket_of = {i: b.index for b in buckets for i in b.params}
     block_buckets = [sorted({bucket_of[i] for i in blk.params}) for blk in block_specs]
-    return Plan(mode, world_size, partition, float(bucket_mb), align_bytes, block_specs, params,
-                buckets, owner, block_buckets, rank_numel)
+    return Plan(
+        mode,
+        world_size,
+        partition,
+        float(bucket_mb),
+        align_bytes,
+        block_specs,
+        params,
+        buckets,
+        owner,
+        block_buckets,
+        rank_numel,
+    )

@@ -4,6 +4,7 @@ gradient, its master shard, and the tensors the local optimizer steps (views
 of the master where one exists). As in Megatron's param_and_grad_buffer, the
 buffer is the single source of truth and the optimizer's tensors are views,
 so no code walks parallel lists with a position counter."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,24 +46,41 @@ class BucketBuffers:
 class ShardBuffers:
     """Builds, registers and owns every unit's `BucketBuffers`."""
 
-    def __init__(self, units: list[SyncUnit], index_of: dict[int, int], group_of: dict[int, int],
-                 master_dtype: torch.dtype | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        units: list[SyncUnit],
+        index_of: dict[int, int],
+        group_of: dict[int, int],
+        master_dtype: torch.dtype | None,
+        device: torch.device,
+    ) -> None:
         self.units = units
         self.buckets: list[list[BucketBuffers]] = [
-            [self._build(u, b.index, index_of, group_of, master_dtype, device) for b in u.plan.buckets]
-            for u in units
+            [self._build(u, b.index, index_of, group_of, master_dtype, device) for b in u.plan.buckets] for u in units
         ]
 
     @staticmethod
-    def _build(u: SyncUnit, bi: int, index_of: dict[int, int], group_of: dict[int, int],
-               master_dtype: torch.dtype | None, device: torch.device) -> BucketBuffers:
+    def _build(
+        u: SyncUnit,
+        bi: int,
+        index_of: dict[int, int],
+        group_of: dict[int, int],
+        master_dtype: torch.dtype | None,
+        device: torch.device,
+    ) -> BucketBuffers:
         plan, b = u.plan, u.plan.buckets[bi]
         flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
         numels = [plan.params[i].numel for i in b.params]
         if plan.mode == "broadcast":
             assert b.owner is not None  # every broadcast bucket has one
-            u.sched.add_grad_bucket(flat, torch.empty(0, dtype=b.dtype, device=device), list(b.offsets),
-                                    numels, b.owner, f"grad:{u.name}:{b.index}")
+            u.sched.add_grad_bucket(
+                flat,
+                torch.empty(0, dtype=b.dtype, device=device),
+                list(b.offsets),
+                numels,
+                b.owner,
+                f"grad:{u.name}:{b.index}",
+            )
             bb = BucketBuffers(flat, None, None)
             if b.owner == u.rank:
                 for i, off in zip(b.params, b.offsets):
@@ -84,8 +102,7 @@ class ShardBuffers:
         for pc in plan.pieces(b, lo, hi):
             p = plan.params[pc.param].param
             piece = nn.Parameter(master.narrow(0, pc.at - lo, pc.numel))  # shares storage
-            bb.locals.append(LocalParam(piece, index_of[id(p)], pc.start, pc.numel, group_of[id(p)],
-                                        pc.param, pc.at))
+            bb.locals.append(LocalParam(piece, index_of[id(p)], pc.start, pc.numel, group_of[id(p)], pc.param, pc.at))
         return bb
 
     # -- views --------------------------------------------------------------

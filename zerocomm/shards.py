@@ -1,6 +1,7 @@
 """The public, read-only view of a sharded optimizer that state_dict
 consolidation and checkpoints work from (so they never read ZeroOptimizer's
 private fields, and never import it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """A sync unit: one plan (dense or expert) with its transport, its native
 scheduler and its persistent flat buffers, built once at attach."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,9 +27,17 @@ class PlannedUnit(NamedTuple):
 
 
 def plan_units(
-    chunks: list[nn.Module], *, mode: str, group: dist.ProcessGroup, expert_group: dist.ProcessGroup | None,
-    expert_filter: Callable[[str, nn.Parameter], bool] | None, transport: str | SimulatedTransport,
-    partition: str, bucket_mb: float, align_bytes: int, blocks: BlocksArg,
+    chunks: list[nn.Module],
+    *,
+    mode: str,
+    group: dist.ProcessGroup,
+    expert_group: dist.ProcessGroup | None,
+    expert_filter: Callable[[str, nn.Parameter], bool] | None,
+    transport: str | SimulatedTransport,
+    partition: str,
+    bucket_mb: float,
+    align_bytes: int,
+    blocks: BlocksArg,
 ) -> list[PlannedUnit]:
     """The plans of one attach, built once: the dense plan, and the expert
     plan (its own group) when `expert_filter` picks expert parameters.
@@ -39,8 +48,16 @@ def plan_units(
     out = []
     for name, grp, pfilter in specs:
         world = 1 if isinstance(transport, SimulatedTransport) else dist.get_world_size(grp)
-        plan = build_plan(chunks, mode=mode, world_size=world, partition=partition, bucket_mb=bucket_mb,
-                          align_bytes=align_bytes, blocks=blocks, param_filter=pfilter)
+        plan = build_plan(
+            chunks,
+            mode=mode,
+            world_size=world,
+            partition=partition,
+            bucket_mb=bucket_mb,
+            align_bytes=align_bytes,
+            blocks=blocks,
+            param_filter=pfilter,
+        )
         out.append(PlannedUnit(name, grp, plan))
     return out
 

@@ -2,6 +2,7 @@
 failure (drain the comm worker), per unit (release the scheduler, stream and
 communicator, keeping gloo's buffers alive until last), and at interpreter
 exit (close what the user left open). Kept out of the runtime's main path."""
+
 from __future__ import annotations
 
 import atexit

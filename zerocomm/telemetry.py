@@ -2,6 +2,7 @@
 the scheduler with CUDA events (timestamps on CPU) only while enabled;
 summarised by `stats()` and exported as a Chrome trace (chrome://tracing,
 Perfetto)."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,7 @@ def summarize(spans: list[Span]) -> dict:
     grad = [s for s in spans if s.lane == "comm" and s.label.startswith("grad")]
     # Waits of the forward for its parameters; synchronize() outside a forward
     # is the caller's choice, not sync time the forward was exposed to.
-    waits = [s for s in spans if s.lane == "wait" and not s.label.startswith("grad")
-             and s.label != "synchronize"]
+    waits = [s for s in spans if s.lane == "wait" and not s.label.startswith("grad") and s.label != "synchronize"]
     per_bucket: dict[str, list[float]] = {}
     for s in sync:
         per_bucket.setdefault(s.label, []).append(s.duration)
@@ -79,11 +79,21 @@ def chrome_trace(spans: list[Span], path: str | Path) -> Path:
     lanes = {"compute": 1, "wait": 2, "comm": 3}
     for s in spans:
         lanes.setdefault(s.lane, len(lanes) + 1)
-    events = [{"ph": "M", "pid": 0, "tid": tid, "name": "thread_name", "args": {"name": lane}}
-              for lane, tid in lanes.items()]
+    events = [
+        {"ph": "M", "pid": 0, "tid": tid, "name": "thread_name", "args": {"name": lane}} for lane, tid in lanes.items()
+    ]
     for s in spans:
-        events.append({"ph": "X", "pid": 0, "tid": lanes[s.lane], "name": s.label,
-                       "ts": s.start * 1e6, "dur": max(s.duration, 0.0) * 1e6, "cat": s.lane})
+        events.append(
+            {
+                "ph": "X",
+                "pid": 0,
+                "tid": lanes[s.lane],
+                "name": s.label,
+                "ts": s.start * 1e6,
+                "dur": max(s.duration, 0.0) * 1e6,
+                "cat": s.lane,
+            }
+        )
     path = Path(path)
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
     return path

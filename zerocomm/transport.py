@@ -6,6 +6,7 @@ creates its own NCCL communicator from a unique id exchanged once over the
 user's group; on CPU a private gloo backend on a fresh prefix of the default
 store. Both therefore work wherever torch.distributed works.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,21 +90,18 @@ def open_transport(
         cuda_index = torch.cuda.current_device()
     stream = _C.make_stream(cuda_index, high_priority)
     if isinstance(transport, SimulatedTransport):
-        comm = _C.simulated_communicator(
-            transport.latency_us, transport.bandwidth_gbps, transport.modelled_world
-        )
+        comm = _C.simulated_communicator(transport.latency_us, transport.bandwidth_gbps, transport.modelled_world)
         return Transport(stream, comm, 0, 1, timeout_s)
     if transport != "auto":
-        raise ValueError(
-            f"unknown transport {transport!r}: use 'auto' or zerocomm.SimulatedTransport(...)"
-        )
+        raise ValueError(f"unknown transport {transport!r}: use 'auto' or zerocomm.SimulatedTransport(...)")
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if device.type == "cuda":
         if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
             warnings.warn(
                 "CUDA_DEVICE_MAX_CONNECTIONS=1 serialises CUDA streams: zerocomm's parameter "
                 "sync will not overlap the forward pass. Unset it (Megatron-style launchers set it).",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning,
+                stacklevel=3,
             )
         if not _C.build_info()["cuda"]:
             raise ValueError("zerocomm was built without CUDA: rebuild it with CUDA_HOME set")

@@ -1,6 +1,7 @@
 """Checks done at attach, before zerocomm issues any collective of its own:
 bad input raises a clear error, and ranks whose models differ fail together
 instead of hanging in mismatched collectives."""
+
 from __future__ import annotations
 
 import socket
@@ -49,11 +50,12 @@ def check_model(chunks: list[nn.Module], optimizer: torch.optim.Optimizer | None
                 f"is on {p.device}; move the model to one device first"
             )
         if p.dtype not in SYNCABLE_DTYPES:
-            raise ValueError(f"parameter {name} has dtype {p.dtype}; zerocomm syncs floating "
-                             f"parameters only ({', '.join(map(str, SYNCABLE_DTYPES))})")
+            raise ValueError(
+                f"parameter {name} has dtype {p.dtype}; zerocomm syncs floating "
+                f"parameters only ({', '.join(map(str, SYNCABLE_DTYPES))})"
+            )
         if p.grad is not None and p.grad.layout != torch.strided:
-            raise ValueError(f"parameter {name} has a sparse gradient ({p.grad.layout}), "
-                             "which zerocomm cannot reduce")
+            raise ValueError(f"parameter {name} has a sparse gradient ({p.grad.layout}), which zerocomm cannot reduce")
         if not p.is_contiguous():
             raise ValueError(f"parameter {name} is not contiguous; make it contiguous before attach")
     for chunk in chunks:
@@ -87,17 +89,24 @@ def check_model(chunks: list[nn.Module], optimizer: torch.optim.Optimizer | None
 
 
 def check_options(
-    *, mode: str, partition: str, bucket_mb: object, align_bytes: object, timeout: object,
-    transport: object, expert_filter: object, optimizer: torch.optim.Optimizer | None,
-    optimizer_options: dict, optimizer_option_names: frozenset[str] = frozenset(),
+    *,
+    mode: str,
+    partition: str,
+    bucket_mb: object,
+    align_bytes: object,
+    timeout: object,
+    transport: object,
+    expert_filter: object,
+    optimizer: torch.optim.Optimizer | None,
+    optimizer_options: dict,
+    optimizer_option_names: frozenset[str] = frozenset(),
 ) -> None:
     """Arguments alone, before the model or any process group is looked at.
     `optimizer_option_names`: the options the sharded optimizer takes."""
     from .transport import SimulatedTransport
 
     check_plan_options(mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
     if not (transport == "auto" or isinstance(transport, SimulatedTransport)):
         raise ValueError(f"unknown transport {transport!r}: use 'auto' or zerocomm.transport.SimulatedTransport(...)")
@@ -118,10 +127,22 @@ def check_options(
 
 # Optimizers whose update of an element depends only on that element's own
 # gradient and state: safe to step on arbitrary slices (allgather mode).
-ELEMENTWISE = frozenset({
-    "SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam",
-    "RMSprop", "ASGD", "Rprop", "Lion",
-})
+ELEMENTWISE = frozenset(
+    {
+        "SGD",
+        "Adam",
+        "AdamW",
+        "Adagrad",
+        "Adadelta",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "ASGD",
+        "Rprop",
+        "Lion",
+    }
+)
 
 
 def check_elementwise(optimizer: torch.optim.Optimizer, mode: str, elementwise: bool | None) -> bool:
@@ -142,9 +163,14 @@ def plan_fingerprint(plans: list[tuple[str, Plan]], *, optimizer: str = "none") 
     """What every rank must agree on, as comparable rows: the options and
     every (name, plan) attach built."""
     first = plans[0][1]
-    rows: list[tuple] = [("config", f"mode={first.mode} partition={first.partition} "
-                          f"bucket_mb={first.bucket_mb} align_bytes={first.align_bytes} optimizer={optimizer} "
-                          f"experts={len(plans) > 1} zerocomm={__version__}")]
+    rows: list[tuple] = [
+        (
+            "config",
+            f"mode={first.mode} partition={first.partition} "
+            f"bucket_mb={first.bucket_mb} align_bytes={first.align_bytes} optimizer={optimizer} "
+            f"experts={len(plans) > 1} zerocomm={__version__}",
+        )
+    ]
     for name, plan in plans:
         if name != plans[0][0]:  # the first (dense) plan's rows start right after the config
             rows.append(("plan", f"{name} over {plan.world_size} ranks"))
@@ -168,14 +194,17 @@ def describe_mismatch(everyone: list[list[tuple]], ranks: list[int]) -> str | No
     holders: dict[tuple, list[int]] = {}
     for r, rows in enumerate(everyone):
         holders.setdefault(tuple(rows[i]) if i < len(rows) else end, []).append(ranks[r])
-    what = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))} "
-                     f"{'have' if len(rs) > 1 else 'has'} {kind} {val!r}"
-                     for (kind, val), rs in holders.items())
+    what = "; ".join(
+        f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))} {'have' if len(rs) > 1 else 'has'} {kind} {val!r}"
+        for (kind, val), rs in holders.items()
+    )
     # where the structures part: the last block every rank agrees on
     block = next((r[1] for r in reversed(everyone[0][:i]) if r[0] == "block"), None)
     after = f" (after block {block!r})" if block is not None else ""
-    return (f"zerocomm.attach: ranks disagree on the model/plan at entry {i}{after}: {what}; "
-            "every rank must build the same model and call attach with the same arguments")
+    return (
+        f"zerocomm.attach: ranks disagree on the model/plan at entry {i}{after}: {what}; "
+        "every rank must build the same model and call attach with the same arguments"
+    )
 
 
 def device_placement(device: torch.device | None) -> tuple[str, int] | None:
@@ -194,15 +223,22 @@ def describe_shared_devices(placements: list[tuple[str, int] | None], ranks: lis
         if where is None:
             continue
         if where in seen:
-            return (f"zerocomm.attach: ranks {seen[where]} and {rank} both use cuda:{where[1]} on host "
-                    f"{where[0]!r}; every rank needs its own GPU: call "
-                    "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before building the model")
+            return (
+                f"zerocomm.attach: ranks {seen[where]} and {rank} both use cuda:{where[1]} on host "
+                f"{where[0]!r}; every rank needs its own GPU: call "
+                "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before building the model"
+            )
         seen[where] = rank
     return None
 
 
-def check_plan_consistent(mine: list[tuple] | None, error: BaseException | None, *,
-                          group: dist.ProcessGroup, device: torch.device | None = None) -> None:
+def check_plan_consistent(
+    mine: list[tuple] | None,
+    error: BaseException | None,
+    *,
+    group: dist.ProcessGroup,
+    device: torch.device | None = None,
+) -> None:
     """Exchange each rank's verdict over `group` (the one collective of
     attach) so that ranks fail together instead of some hanging in a later
     collective: a rank whose own checks failed (`error`) raises that error,
@@ -216,8 +252,7 @@ def check_plan_consistent(mine: list[tuple] | None, error: BaseException | None,
         if error is not None:
             raise error
         return
-    verdict = (None if error is None else f"{type(error).__name__}: {error}", mine,
-               device_placement(device))
+    verdict = (None if error is None else f"{type(error).__name__}: {error}", mine, device_placement(device))
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, verdict, group=group)
     if error is not None:

@@ -4,6 +4,7 @@ each rank's final parameters (and losses) to OUT/rank{r}.pt.
 
     torchrun --nproc-per-node 2 tests/hf/train_hf.py {trainer,accelerate} {plain,broadcast,allgather} OUT
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,16 @@ def build_model() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -48,10 +56,20 @@ def run_trainer(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
     from zerocomm.integrations.transformers import ZeroTrainer
 
     args = TrainingArguments(
-        output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM, max_steps=STEPS, max_grad_norm=MAX_NORM, use_cpu=True,
-        report_to=[], logging_steps=1, save_strategy="steps", save_steps=STEPS, seed=0,
-        ddp_backend="gloo", dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=os.path.join(out, "trainer"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM,
+        max_steps=STEPS,
+        max_grad_norm=MAX_NORM,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=STEPS,
+        seed=0,
+        ddp_backend="gloo",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     model = build_model()
     opt, sched = optimizers(model, variant)

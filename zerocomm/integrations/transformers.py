@@ -15,6 +15,7 @@ collective, so saving it cannot run on the main process alone. Resuming
 every rank, which `ZeroOptimizer.load_state_dict` splits into this rank's
 shard.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@
 Ends with a report: step time, optimizer memory per rank vs unsharded, total
 and exposed parameter-sync time (measured by zerocomm's telemetry).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.set_device(device)
     vocab = 256
-    model = TinyGPT(vocab=vocab, dim=args.dim, n_layers=args.layers, n_heads=4, seq=args.seq,
-                    init_std=0.02).to(device)
+    model = TinyGPT(vocab=vocab, dim=args.dim, n_layers=args.layers, n_heads=4, seq=args.seq, init_std=0.02).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups: list[dict[str, Any]] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -98,8 +98,12 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     if bar is not None:
         bar.close()
     stats = zopt.stats()
-    state_bytes = sum(v.numel() * v.element_size() for s in zopt.state.values() for v in s.values()
-                      if torch.is_tensor(v) and v.dim() > 0)
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for s in zopt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
     mine = torch.tensor([state_bytes, stats["sync_total_s"], stats["sync_exposed_s"]], dtype=torch.float64)
     everyone = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine.to(device) if cuda else mine)
@@ -110,13 +114,17 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         assert loss is not None and first_loss is not None  # at least one step ran
         print(f"  loss                    : {first_loss:.3f} -> {loss.item():.3f}")
         print(f"  step time (median)      : {statistics.median(measured) * 1e3:.1f} ms")
-        print(f"  optimizer state / rank  : {', '.join(f'{e[0].item() / 2**20:.2f}' for e in everyone)} MiB "
-              f"(unsharded: {unsharded_state / 2**20:.2f} MiB)")
+        print(
+            f"  optimizer state / rank  : {', '.join(f'{e[0].item() / 2**20:.2f}' for e in everyone)} MiB "
+            f"(unsharded: {unsharded_state / 2**20:.2f} MiB)"
+        )
         total = sum(e[1].item() for e in everyone) / world
         exposed = sum(e[2].item() for e in everyone) / world
         frac = exposed / total if total else 0.0
-        print(f"  param sync, per rank    : {total * 1e3:.1f} ms total over {len(measured)} steps, "
-              f"{exposed * 1e3:.1f} ms exposed ({frac:.0%} of it made the forward wait)")
+        print(
+            f"  param sync, per rank    : {total * 1e3:.1f} ms total over {len(measured)} steps, "
+            f"{exposed * 1e3:.1f} ms exposed ({frac:.0%} of it made the forward wait)"
+        )
     zopt.close()
 
 

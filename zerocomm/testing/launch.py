@@ -12,6 +12,7 @@ Three ways a job's ranks come to exist, each running fn(rank, world, *args):
 
 Depends on torch and the standard library only, so any script can use it.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,12 +47,17 @@ def free_port() -> int:
 
 def set_single_rank_env() -> None:
     """Make this process rank 0 of a one-rank group (e.g. NCCL on one GPU without torchrun)."""
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR=LOCALHOST,
-                      MASTER_PORT=str(free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR=LOCALHOST, MASTER_PORT=str(free_port()))
 
 
-def run_env_rank(fn: Callable[..., T], args: Sequence[Any], backend: str, *,
-                 device: torch.device | None = None, cpu_threads: int | None = None) -> T:
+def run_env_rank(
+    fn: Callable[..., T],
+    args: Sequence[Any],
+    backend: str,
+    *,
+    device: torch.device | None = None,
+    cpu_threads: int | None = None,
+) -> T:
     """Join the group described by the environment, run fn(rank, world, *args), leave it.
 
     device: passed to init_process_group as device_id (NCCL binds its communicator
@@ -66,8 +72,9 @@ def run_env_rank(fn: Callable[..., T], args: Sequence[Any], backend: str, *,
         dist.destroy_process_group()
 
 
-def _rank_entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: Sequence[Any],
-                out_dir: str, cpu_threads: int | None) -> None:
+def _rank_entry(
+    rank: int, fn: Callable[..., Any], world: int, port: int, args: Sequence[Any], out_dir: str, cpu_threads: int | None
+) -> None:
     """Body of one spawned rank: its result goes to a file, not a pipe, so a large
     result cannot block the rank in a write while the parent is still joining."""
     os.environ.update(MASTER_ADDR=LOCALHOST, MASTER_PORT=str(port))
@@ -83,8 +90,14 @@ def _rank_entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: 
         pickle.dump(result, f)
 
 
-def spawn_gloo_ranks(fn: Callable[..., T], world: int, args: Sequence[Any] = (), *,
-                     timeout_s: float | None = None, cpu_threads: int | None = 1) -> list[T]:
+def spawn_gloo_ranks(
+    fn: Callable[..., T],
+    world: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout_s: float | None = None,
+    cpu_threads: int | None = 1,
+) -> list[T]:
     """Spawn `world` processes forming a gloo group on 127.0.0.1; each runs
     fn(rank, world, *args). Returns the ranks' return values in rank order.
 
@@ -96,8 +109,13 @@ def spawn_gloo_ranks(fn: Callable[..., T], world: int, args: Sequence[Any] = (),
     """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="zerocomm_ranks_") as out_dir:
-        ctx = mp.start_processes(_rank_entry, args=(fn, world, port, tuple(args), out_dir, cpu_threads),
-                                 nprocs=world, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _rank_entry,
+            args=(fn, world, port, tuple(args), out_dir, cpu_threads),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not ctx.join(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
             if deadline is not None and time.monotonic() >= deadline:

@@ -5,6 +5,7 @@ parameters, MoE experts, and the HF GPT-2 / Llama nesting (blocks one level down
 inside `transformer` / `model`). Construction is deterministic for a given seed
 and leaves the global RNG untouched, so every rank builds identical weights.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -70,7 +71,7 @@ class TopOneMoE(nn.Module):
         gates = F.softmax(self.router(x), dim=-1)
         top = gates.argmax(dim=-1, keepdim=True)
         weight = torch.zeros_like(gates).scatter(-1, top, gates.gather(-1, top))
-        return sum(weight[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        return sum(weight[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
 
 
 class Block(nn.Module):
@@ -91,9 +92,20 @@ class Block(nn.Module):
 class TinyGPT(_LMMixin, nn.Module):
     is_expert_param = staticmethod(is_expert_param)
 
-    def __init__(self, vocab: int = 64, dim: int = 32, n_layers: int = 4, n_heads: int = 4, seq: int = 16,
-                 tie_weights: bool = True, frozen: bool = False, n_experts: int = 0, seed: int = 0,
-                 qkv_bias: bool = True, init_std: float | None = None):
+    def __init__(
+        self,
+        vocab: int = 64,
+        dim: int = 32,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        seq: int = 16,
+        tie_weights: bool = True,
+        frozen: bool = False,
+        n_experts: int = 0,
+        seed: int = 0,
+        qkv_bias: bool = True,
+        init_std: float | None = None,
+    ):
         super().__init__()
         self.seq = seq
         with torch.random.fork_rng(devices=[]):
@@ -141,8 +153,16 @@ class _GPT2Body(nn.Module):
 class GPT2Like(_LMMixin, nn.Module):
     """Mimics HF GPT2LMHeadModel nesting: transformer.{wte,wpe,drop,h.N,ln_f} + lm_head."""
 
-    def __init__(self, vocab: int = 64, dim: int = 32, n_layers: int = 2, n_heads: int = 4, seq: int = 16,
-                 tie_weights: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        vocab: int = 64,
+        dim: int = 32,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        seq: int = 16,
+        tie_weights: bool = True,
+        seed: int = 0,
+    ):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -166,8 +186,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -213,8 +235,15 @@ class _LlamaBody(nn.Module):
 class LlamaLike(_LMMixin, nn.Module):
     """Mimics HF LlamaForCausalLM nesting: model.{embed_tokens,layers.N,norm} + lm_head (untied)."""
 
-    def __init__(self, vocab: int = 64, dim: int = 32, n_layers: int = 2, n_heads: int = 4,
-                 tie_weights: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        vocab: int = 64,
+        dim: int = 32,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        tie_weights: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -1,4 +1,5 @@
 """The benchmark's flags (the package docstring is the --help text)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,34 +20,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 64 cpu, 512 cuda)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default 256 cpu, 8192 cuda)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="steps per variant, warm-up included (default 24 cpu, 30 cuda)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps per variant, warm-up included (default 24 cpu, 30 cuda)"
+    )
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--bucket-mb", type=float, default=1.0,
-                    help="zerocomm bucket cap in MiB (small enough that blocks get their own buckets)")
+    ap.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=1.0,
+        help="zerocomm bucket cap in MiB (small enough that blocks get their own buckets)",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--transport", choices=["all", "real", "simulated"], default="all",
-                    help="real: the five real-transport variants; simulated: zerocomm on "
-                         "SimulatedTransport + blocking baseline; all: both (default)")
-    ap.add_argument("--variants", default=None,
-                    help="comma-separated subset of " + ",".join(REAL_VARIANTS + SIM_VARIANTS))
+    ap.add_argument(
+        "--transport",
+        choices=["all", "real", "simulated"],
+        default="all",
+        help="real: the five real-transport variants; simulated: zerocomm on "
+        "SimulatedTransport + blocking baseline; all: both (default)",
+    )
+    ap.add_argument(
+        "--variants", default=None, help="comma-separated subset of " + ",".join(REAL_VARIANTS + SIM_VARIANTS)
+    )
     ap.add_argument("--sim-latency-us", type=float, default=20.0)
-    ap.add_argument("--sim-bandwidth-gbps", type=float, default=None,
-                    help="fixed simulated bandwidth (GB/s); implies --no-auto-sim")
-    ap.add_argument("--auto-sim", action=argparse.BooleanOptionalAction, default=True,
-                    help="calibrate the simulated bandwidth so one step's param sync ~= the forward pass")
+    ap.add_argument(
+        "--sim-bandwidth-gbps", type=float, default=None, help="fixed simulated bandwidth (GB/s); implies --no-auto-sim"
+    )
+    ap.add_argument(
+        "--auto-sim",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibrate the simulated bandwidth so one step's param sync ~= the forward pass",
+    )
     ap.add_argument("--sim-world", type=int, default=8, help="modelled world size of the simulated ring")
-    ap.add_argument("--sim-ranks", choices=["one", "all"], default="one",
-                    help="simulated runs on rank 0 only (default: the other ranks' compute would "
-                         "compete for this machine's cores) or on every rank at once")
-    ap.add_argument("--sim-extra-layers", type=int, default=24,
-                    help="also run sim allgather on a model with this many layers (0: off) "
-                         "to show how exposure scales with the number of blocks")
+    ap.add_argument(
+        "--sim-ranks",
+        choices=["one", "all"],
+        default="one",
+        help="simulated runs on rank 0 only (default: the other ranks' compute would "
+        "compete for this machine's cores) or on every rank at once",
+    )
+    ap.add_argument(
+        "--sim-extra-layers",
+        type=int,
+        default=24,
+        help="also run sim allgather on a model with this many layers (0: off) "
+        "to show how exposure scales with the number of blocks",
+    )
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    for name, cpu_v, cuda_v in (("dim", 256, 1024), ("layers", 6, 12), ("heads", 4, 16), ("seq", 64, 512),
-                                ("vocab", 256, 8192), ("steps", 24, 30)):
+    for name, cpu_v, cuda_v in (
+        ("dim", 256, 1024),
+        ("layers", 6, 12),
+        ("heads", 4, 16),
+        ("seq", 64, 512),
+        ("vocab", 256, 8192),
+        ("steps", 24, 30),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, cuda_v if cuda else cpu_v)
     if args.sim_bandwidth_gbps is not None:

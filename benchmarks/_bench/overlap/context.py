@@ -1,5 +1,6 @@
 """What every variant shares on one rank: the model, the data, the optimizer
 settings, the hand-written grad all-reduce and a few small helpers."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,12 @@ from .timers import Clock, Memory
 
 def state_bytes(optim: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer-state tensors (dim > 0: not AdamW's scalar step)."""
-    return sum(v.numel() * v.element_size() for s in optim.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    return sum(
+        v.numel() * v.element_size()
+        for s in optim.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
 
 
 def lm_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -42,8 +47,9 @@ class Ctx:
         from zerocomm.testing.models import TinyGPT
 
         a = self.args
-        return TinyGPT(vocab=a.vocab, dim=a.dim, n_layers=layers or a.layers, n_heads=a.heads,
-                       seq=a.seq).to(self.device)
+        return TinyGPT(vocab=a.vocab, dim=a.dim, n_layers=layers or a.layers, n_heads=a.heads, seq=a.seq).to(
+            self.device
+        )
 
     def adamw(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.args.lr, weight_decay=0.1)
@@ -88,4 +94,3 @@ def allreduce_mean(ctx: Ctx, *xs: float) -> list[float]:
     t = torch.tensor(xs, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t, group=ctx.group)
     return (t / ctx.group_size).tolist()
-

@@ -1,5 +1,6 @@
 """What one rank runs: every selected variant in turn (ranks in lock-step), then
 the figures gathered on rank 0, which writes the JSON, the plots and the table."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,32 +47,47 @@ def warm_process(ctx: Ctx) -> None:
 
 def _log_sim(log: Log, v: str, r: dict[str, Any], secs: float) -> None:
     fc = statistics.median(r["forward_s"]) - (0 if v == "sim_blocking" else r["sync_exposed_per_step_s"])
-    log(f"  {v:18s} step {statistics.median(r['step_s']) * 1e3:7.1f} ms   "
+    log(
+        f"  {v:18s} step {statistics.median(r['step_s']) * 1e3:7.1f} ms   "
         f"sync/step {r['sync_total_per_step_s'] * 1e3:6.1f} ms (forward compute {fc * 1e3:.1f} ms), exposed "
         f"{r['sync_exposed_per_step_s'] * 1e3:6.1f} ms "
-        f"({r['sync_exposed_per_step_s'] / r['sync_total_per_step_s']:.1%})   ({secs:.0f} s)")
+        f"({r['sync_exposed_per_step_s'] / r['sync_total_per_step_s']:.1%})   ({secs:.0f} s)"
+    )
 
 
-def _run_real(ctx: Ctx, variants: list[str], results: dict[str, dict[str, Any]],
-              timings: dict[str, float], log: Log) -> None:
+def _run_real(
+    ctx: Ctx, variants: list[str], results: dict[str, dict[str, Any]], timings: dict[str, float], log: Log
+) -> None:
     """The real-transport variants, every rank in each."""
     runners: dict[str, Callable[[Ctx], dict[str, Any]]] = {
-        "ddp": run_ddp, "zero_torch": run_zero_torch, "seed_bcast": run_seed_bcast,
+        "ddp": run_ddp,
+        "zero_torch": run_zero_torch,
+        "seed_bcast": run_seed_bcast,
         "zc_broadcast": lambda c: run_zerocomm(c, "broadcast", "auto", "zc_broadcast"),
-        "zc_allgather": lambda c: run_zerocomm(c, "allgather", "auto", "zc_allgather")}
+        "zc_allgather": lambda c: run_zerocomm(c, "allgather", "auto", "zc_allgather"),
+    }
     for v in variants:
         dist.barrier()
         t0 = time.perf_counter()
         ctx.mem.reset()
         results[v] = runners[v](ctx)
         timings[v] = time.perf_counter() - t0
-        log(f"  {v:18s} step {statistics.median(results[v]['step_s']) * 1e3:7.1f} ms   "
+        log(
+            f"  {v:18s} step {statistics.median(results[v]['step_s']) * 1e3:7.1f} ms   "
             f"sync/step {results[v]['sync_total_per_step_s'] * 1e3:6.1f} ms, exposed "
-            f"{results[v]['sync_exposed_per_step_s'] * 1e3:6.1f} ms   ({timings[v]:.0f} s)")
+            f"{results[v]['sync_exposed_per_step_s'] * 1e3:6.1f} ms   ({timings[v]:.0f} s)"
+        )
 
 
-def _run_simulated(ctx: Ctx, variants: list[str], sim_ranks: list[int], sim_group: dist.ProcessGroup | None,
-                   results: dict[str, dict[str, Any]], timings: dict[str, float], log: Log) -> dict[str, Any]:
+def _run_simulated(
+    ctx: Ctx,
+    variants: list[str],
+    sim_ranks: list[int],
+    sim_group: dist.ProcessGroup | None,
+    results: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    log: Log,
+) -> dict[str, Any]:
     """Calibrate the simulated transport, then the simulated variants, on the ranks in
     sim_ranks only (sim_group: None when that is every rank). Returns the calibration."""
     from zerocomm.transport import SimulatedTransport
@@ -82,16 +98,25 @@ def _run_simulated(ctx: Ctx, variants: list[str], sim_ranks: list[int], sim_grou
     barrier()
     t0 = time.perf_counter()
     fwd = measure_forward(ctx)
-    sim_cfg: dict[str, Any] = {"forward_s": fwd, "latency_us": args.sim_latency_us,
-                               "modelled_world": args.sim_world, "ranks": sim_ranks,
-                               "auto": args.auto_sim, "modes": {}}
+    sim_cfg: dict[str, Any] = {
+        "forward_s": fwd,
+        "latency_us": args.sim_latency_us,
+        "modelled_world": args.sim_world,
+        "ranks": sim_ranks,
+        "auto": args.auto_sim,
+        "modes": {},
+    }
     for mode in ("broadcast", "allgather"):
         sim_cfg["modes"][mode] = sim_setup(ctx, mode, fwd)
     timings["sim_calibration"] = time.perf_counter() - t0
-    log(f"simulated transport: forward {fwd * 1e3:.1f} ms (no hooks); "
-        + ", ".join(f"{m} {c['bandwidth_gbps']:.3f} GB/s -> modelled sync {c['sync_s'] * 1e3:.1f} ms "
-                    f"({c['n_buckets']} buckets)" for m, c in sim_cfg["modes"].items())
-        + f"  ({timings['sim_calibration']:.0f} s)")
+    log(
+        f"simulated transport: forward {fwd * 1e3:.1f} ms (no hooks); "
+        + ", ".join(
+            f"{m} {c['bandwidth_gbps']:.3f} GB/s -> modelled sync {c['sync_s'] * 1e3:.1f} ms ({c['n_buckets']} buckets)"
+            for m, c in sim_cfg["modes"].items()
+        )
+        + f"  ({timings['sim_calibration']:.0f} s)"
+    )
     # zerocomm first: the blocking baseline then sleeps what zerocomm's sync really took
     for v in sorted(variants, key=lambda v: v == "sim_blocking"):
         barrier()
@@ -134,13 +159,18 @@ def _write_outputs(report: dict[str, Any], results: dict[str, dict[str, Any]], a
     jpath.write_text(json.dumps(report, indent=1, default=float))
     plot_bars(report, out / f"overlap_{args.device}.png")
     timeline: dict[str, list[SpanRow]] = {
-        v: results[v]["spans"] for v in ("sim_zc_allgather", "zc_allgather", "sim_zc_broadcast", "zc_broadcast")
-        if v in results and "spans" in results[v]}
+        v: results[v]["spans"]
+        for v in ("sim_zc_allgather", "zc_allgather", "sim_zc_broadcast", "zc_broadcast")
+        if v in results and "spans" in results[v]
+    }
     if timeline:
         plot_timeline(report, timeline, out / f"overlap_timeline_{args.device}.png")
     print_summary(report)
-    print(f"wrote {jpath}, {out / f'overlap_{args.device}.png'}"
-          + (f", {out / f'overlap_timeline_{args.device}.png'}" if timeline else ""), flush=True)
+    print(
+        f"wrote {jpath}, {out / f'overlap_{args.device}.png'}"
+        + (f", {out / f'overlap_timeline_{args.device}.png'}" if timeline else ""),
+        flush=True,
+    )
 
 
 def run_all(rank: int, world: int, args: argparse.Namespace, device: torch.device, t_start: float) -> None:
@@ -154,9 +184,11 @@ def run_all(rank: int, world: int, args: argparse.Namespace, device: torch.devic
     model = ctx.make_model()
     n_params = sum(p.numel() for p in unique_params(model))
     del model
-    log(f"TinyGPT dim={args.dim} layers={args.layers} heads={args.heads} seq={args.seq} vocab={args.vocab} "
+    log(
+        f"TinyGPT dim={args.dim} layers={args.layers} heads={args.heads} seq={args.seq} vocab={args.vocab} "
         f"batch={args.batch}/rank: {n_params:,} params ({n_params * 4 / 2**20:.1f} MiB fp32); "
-        f"{world} rank(s) on {device.type}; {args.steps} steps/variant ({args.warmup} warm-up)")
+        f"{world} rank(s) on {device.type}; {args.steps} steps/variant ({args.warmup} warm-up)"
+    )
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     warm_process(ctx)

@@ -1,4 +1,5 @@
 """Entry point: parse the flags, start the ranks, run the benchmark on each."""
+
 from __future__ import annotations
 
 import os

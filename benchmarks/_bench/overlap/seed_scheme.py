@@ -3,6 +3,7 @@ only, reduced to what the benchmark needs: owners by an optimal contiguous parti
 over the params in forward order, a local AdamW per rank over its own params, one
 async dist.broadcast per param after the step, and a forward pre-hook per block
 that waits for every pending broadcast of the ranks the block spans."""
+
 from __future__ import annotations
 
 import statistics
@@ -50,8 +51,7 @@ class SeedBcast:
         self.owner = {id(p): r for p, r in zip(self.params, owners)}
         self.block_ranks = {blk: sorted({self.owner[id(p)] for p in ps}) for blk, ps in block_params if ps}
         mine = [p for p in self.params if self.owner[id(p)] == ctx.rank]
-        self.rank_numel = [sum(p.numel() for p in self.params if self.owner[id(p)] == r)
-                           for r in range(ctx.world)]
+        self.rank_numel = [sum(p.numel() for p in self.params if self.owner[id(p)] == r) for r in range(ctx.world)]
         self.optim = ctx.adamw(mine if mine else [nn.Parameter(torch.zeros(0, device=ctx.device))])
         self.handles: dict[int, list[dist.Work]] = {r: [] for r in range(ctx.world)}
         self.wait_marks: list[list[tuple[Mark, Mark]]] = []  # per step: (before, after) around Work.wait()

@@ -1,4 +1,5 @@
 """Timing and memory of one variant on one rank."""
+
 from __future__ import annotations
 
 import gc
@@ -60,8 +61,11 @@ class Recorder:
         bwd = [el(m["fwd"], m["bwd"]) for m in steps]
         opt = [el(m["bwd"], m["end"]) for m in steps]
         return {
-            "step_s": step_t[warmup:], "forward_s": fwd[warmup:], "backward_s": bwd[warmup:],
-            "optimizer_s": opt[warmup:], "all_step_s": step_t,
+            "step_s": step_t[warmup:],
+            "forward_s": fwd[warmup:],
+            "backward_s": bwd[warmup:],
+            "optimizer_s": opt[warmup:],
+            "all_step_s": step_t,
             "losses": [float(x) for x in self.losses],
         }
 
@@ -110,8 +114,14 @@ class Memory:
 
     def peak(self) -> dict[str, Any]:
         if self.cuda:
-            return {"peak_bytes": torch.cuda.max_memory_allocated(), "base_bytes": self.base,
-                    "kind": "torch.cuda.max_memory_allocated"}
+            return {
+                "peak_bytes": torch.cuda.max_memory_allocated(),
+                "base_bytes": self.base,
+                "kind": "torch.cuda.max_memory_allocated",
+            }
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"peak_bytes": peak, "base_bytes": self.base,
-                "kind": "ru_maxrss" + (" (reset per variant)" if self.resettable else " (process lifetime)")}
+        return {
+            "peak_bytes": peak,
+            "base_bytes": self.base,
+            "kind": "ru_maxrss" + (" (reset per variant)" if self.resettable else " (process lifetime)"),
+        }

@@ -1,6 +1,7 @@
 """The timed step loop every runner shares, so that every variant's phase marks
 sit in the same places: start | forward | fwd | backward (+ grad sync) | bwd |
 optimizer step | end. What differs between variants is passed in."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,8 +13,9 @@ from ..context import Ctx, lm_loss
 from ..timers import Mark, Recorder
 
 
-def timed_steps(ctx: Ctx, module: nn.Module, steps: int, backward: Callable[[torch.Tensor], None],
-                step: Callable[[int], None]) -> Recorder:
+def timed_steps(
+    ctx: Ctx, module: nn.Module, steps: int, backward: Callable[[torch.Tensor], None], step: Callable[[int], None]
+) -> Recorder:
     """Train `steps` steps on ctx's batches. backward(loss) runs the backward pass (and a
     variant's grad sync); step(s) the optimizer step of step s and zero_grad. A last
     start mark closes the last step's interval; the caller then calls finish()."""
@@ -35,10 +37,12 @@ def plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
-def backward_then_allreduce(ctx: Ctx, params: list[nn.Parameter],
-                            marks: list[tuple[Mark, Mark]]) -> Callable[[torch.Tensor], None]:
+def backward_then_allreduce(
+    ctx: Ctx, params: list[nn.Parameter], marks: list[tuple[Mark, Mark]]
+) -> Callable[[torch.Tensor], None]:
     """backward, then the hand-written grad all-reduce of (a) and (b), timed into marks
     (it is exposed: nothing overlaps it)."""
+
     def backward(loss: torch.Tensor) -> None:
         loss.backward()
         a = ctx.clock.mark()

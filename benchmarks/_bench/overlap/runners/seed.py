@@ -1,4 +1,5 @@
 """(b) Training with the seed's scheme (seed_scheme.SeedBcast)."""
+
 from __future__ import annotations
 
 import statistics
@@ -39,14 +40,19 @@ def run_seed_bcast(ctx: Ctx) -> dict[str, Any]:
         total_kind = "first issue -> last completion (gloo future callbacks), per step"
     grad = [el(a, b) for a, b in grad_marks][w:]
     out.update(
-        opt_state_bytes=state_bytes(seed.optim), memory=ctx.mem.peak(),
+        opt_state_bytes=state_bytes(seed.optim),
+        memory=ctx.mem.peak(),
         owner_numel=seed.rank_numel,
-        sync_per_step_s=total, sync_total_per_step_s=statistics.mean(total),
-        sync_exposed_per_step_s=statistics.mean(exposed), exposed_per_step_s=exposed,
-        sync_blocking_remeasured_s=blocking, sync_total_kind=total_kind,
-        grad_sync_per_step_s=statistics.mean(grad), grad_sync_exposed_per_step_s=statistics.mean(grad),
+        sync_per_step_s=total,
+        sync_total_per_step_s=statistics.mean(total),
+        sync_exposed_per_step_s=statistics.mean(exposed),
+        exposed_per_step_s=exposed,
+        sync_blocking_remeasured_s=blocking,
+        sync_total_kind=total_kind,
+        grad_sync_per_step_s=statistics.mean(grad),
+        grad_sync_exposed_per_step_s=statistics.mean(grad),
         note="exposed = time inside Work.wait() in the block pre-hooks"
-             + (" (CUDA events around the host call: the stream stall, approximately)" if ctx.cuda else ""),
+        + (" (CUDA events around the host call: the stream stall, approximately)" if ctx.cuda else ""),
     )
     seed.remove()
     return out

@@ -1,5 +1,6 @@
 """The simulated transport: its bandwidth calibration (sync of one step ~= the
 forward pass) and the blocking baseline that sleeps the modelled sync."""
+
 from __future__ import annotations
 
 import statistics
@@ -29,12 +30,17 @@ def run_sim_blocking(ctx: Ctx, sync_s: float) -> dict[str, Any]:
         slept.append(time.perf_counter() - t0)
 
     out = timed_steps(ctx, model, ctx.args.steps, plain_backward, step).finish(ctx.args.warmup)
-    slept = slept[ctx.args.warmup:]
-    out.update(opt_state_bytes=state_bytes(opt), memory=ctx.mem.peak(),
-               sync_total_per_step_s=statistics.mean(slept), sync_exposed_per_step_s=statistics.mean(slept),
-               exposed_fraction=1.0, modelled_sync_s=sync_s,
-               note="unsharded AdamW; the modelled param-sync time slept after the step (exposed == total); "
-                    "no grad reduction modelled")
+    slept = slept[ctx.args.warmup :]
+    out.update(
+        opt_state_bytes=state_bytes(opt),
+        memory=ctx.mem.peak(),
+        sync_total_per_step_s=statistics.mean(slept),
+        sync_exposed_per_step_s=statistics.mean(slept),
+        exposed_fraction=1.0,
+        modelled_sync_s=sync_s,
+        note="unsharded AdamW; the modelled param-sync time slept after the step (exposed == total); "
+        "no grad reduction modelled",
+    )
     return out
 
 
@@ -63,8 +69,12 @@ def modelled_sync(ctx: Ctx, mode: str, bw_gbps: float, layers: int | None = None
     factor = 1.0 if mode == "broadcast" else (a.sim_world - 1) / a.sim_world
     nbytes = sum(b.nbytes for b in plan.buckets)
     lat = a.sim_latency_us * 1e-6
-    return {"bytes": nbytes, "n_buckets": len(plan.buckets), "factor": factor,
-            "sync_s": len(plan.buckets) * lat + factor * nbytes / (bw_gbps * 1e9)}
+    return {
+        "bytes": nbytes,
+        "n_buckets": len(plan.buckets),
+        "factor": factor,
+        "sync_s": len(plan.buckets) * lat + factor * nbytes / (bw_gbps * 1e9),
+    }
 
 
 def calibrate_bandwidth(ctx: Ctx, mode: str, fwd_s: float, layers: int | None = None) -> float:
@@ -95,7 +105,11 @@ def sim_setup(ctx: Ctx, mode: str, fwd_s: float, layers: int | None = None) -> d
     fwd_compute, overhead = allreduce_mean(ctx, fwd_compute, overhead)
     budget = fwd_compute - overhead - m0["n_buckets"] * a.sim_latency_us * 1e-6
     bw = m0["factor"] * m0["bytes"] / budget / 1e9 if budget > 0 else bw0
-    return {"bandwidth_gbps": bw, "first_guess_gbps": bw0, "probe_sync_s": probe["sync_total_per_step_s"],
-            "probe_forward_compute_s": fwd_compute, "probe_unmodelled_overhead_s": overhead,
-            **modelled_sync(ctx, mode, bw, layers)}
-
+    return {
+        "bandwidth_gbps": bw,
+        "first_guess_gbps": bw0,
+        "probe_sync_s": probe["sync_total_per_step_s"],
+        "probe_forward_compute_s": fwd_compute,
+        "probe_unmodelled_overhead_s": overhead,
+        **modelled_sync(ctx, mode, bw, layers),
+    }

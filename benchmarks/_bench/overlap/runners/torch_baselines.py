@@ -1,4 +1,5 @@
 """(e) DDP and (a) torch's ZeroRedundancyOptimizer: the two torch baselines."""
+
 from __future__ import annotations
 
 import statistics
@@ -23,10 +24,14 @@ def run_ddp(ctx: Ctx) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
 
     out = timed_steps(ctx, ddp, ctx.args.steps, plain_backward, step).finish(ctx.args.warmup)
-    out.update(opt_state_bytes=state_bytes(opt), memory=ctx.mem.peak(),
-               sync_total_per_step_s=0.0, sync_exposed_per_step_s=0.0,
-               note="no parameter sync: every rank steps the full model; grads all-reduced in "
-                    "DDP buckets overlapped with backward")
+    out.update(
+        opt_state_bytes=state_bytes(opt),
+        memory=ctx.mem.peak(),
+        sync_total_per_step_s=0.0,
+        sync_exposed_per_step_s=0.0,
+        note="no parameter sync: every rank steps the full model; grads all-reduced in "
+        "DDP buckets overlapped with backward",
+    )
     return out
 
 
@@ -35,8 +40,7 @@ def run_zero_torch(ctx: Ctx) -> dict[str, Any]:
 
     model = ctx.make_model()
     params = unique_params(model)
-    zro = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=ctx.args.lr,
-                                  weight_decay=0.1)
+    zro = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=ctx.args.lr, weight_decay=0.1)
     clock = ctx.clock
     sync_marks: list[tuple[Mark, Mark]] = []
     grad_marks: list[tuple[Mark, Mark]] = []
@@ -61,11 +65,14 @@ def run_zero_torch(ctx: Ctx) -> dict[str, Any]:
     sync = [clock.elapsed(a, b) for a, b in sync_marks][w:]
     grad = [clock.elapsed(a, b) for a, b in grad_marks][w:]
     out.update(
-        opt_state_bytes=state_bytes(zro.optim), memory=ctx.mem.peak(),
-        sync_per_step_s=sync, sync_total_per_step_s=statistics.mean(sync),
+        opt_state_bytes=state_bytes(zro.optim),
+        memory=ctx.mem.peak(),
+        sync_per_step_s=sync,
+        sync_total_per_step_s=statistics.mean(sync),
         sync_exposed_per_step_s=statistics.mean(sync),
-        grad_sync_per_step_s=statistics.mean(grad), grad_sync_exposed_per_step_s=statistics.mean(grad),
+        grad_sync_per_step_s=statistics.mean(grad),
+        grad_sync_exposed_per_step_s=statistics.mean(grad),
         note="param sync = ZeroRedundancyOptimizer._sync_params() inside step(), blocking: "
-             "exposed == total; grads: one flat all_reduce after backward (exposed)",
+        "exposed == total; grads: one flat all_reduce after backward (exposed)",
     )
     return out

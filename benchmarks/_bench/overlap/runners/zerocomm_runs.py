@@ -1,5 +1,6 @@
 """(c), (d) and the sim_zc_* variants: zerocomm.attach over any transport, timed
 from zerocomm's own trace and stats."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,14 +57,20 @@ def _buffer_bytes(zopt: ZeroOptimizer) -> int:
     return zopt.buffer_bytes()
 
 
-def run_zerocomm(ctx: Ctx, mode: str, transport: str | SimulatedTransport, tag: str, layers: int | None = None,
-                 keep_trace: bool = True, steps: int | None = None) -> dict[str, Any]:
+def run_zerocomm(
+    ctx: Ctx,
+    mode: str,
+    transport: str | SimulatedTransport,
+    tag: str,
+    layers: int | None = None,
+    keep_trace: bool = True,
+    steps: int | None = None,
+) -> dict[str, Any]:
     import zerocomm
 
     model = ctx.make_model(layers)
     opt = ctx.adamw(model.parameters())
-    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=ctx.args.bucket_mb, transport=transport,
-                           group=ctx.group)
+    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=ctx.args.bucket_mb, transport=transport, group=ctx.group)
     sched = zopt.sync.units[0].sched
     a = ctx.args
     n_steps = steps or a.steps
@@ -94,10 +101,13 @@ def run_zerocomm(ctx: Ctx, mode: str, transport: str | SimulatedTransport, tag: 
     plan = zopt.plan
     waits_by_bucket = {k: v / gens for k, v in stats["wait_by_bucket_s"].items()}
     out.update(
-        opt_state_bytes=state_bytes(zopt.optim), memory=ctx.mem.peak(),
+        opt_state_bytes=state_bytes(zopt.optim),
+        memory=ctx.mem.peak(),
         zerocomm_buffer_bytes=_buffer_bytes(zopt),
-        sync_total_s=stats["sync_total_s"], sync_exposed_s=stats["sync_exposed_s"],
-        exposed_fraction=stats["exposed_fraction"], traced_syncs=gens,
+        sync_total_s=stats["sync_total_s"],
+        sync_exposed_s=stats["sync_exposed_s"],
+        exposed_fraction=stats["exposed_fraction"],
+        traced_syncs=gens,
         sync_total_per_step_s=stats["sync_total_s"] / gens,
         sync_exposed_per_step_s=stats["sync_exposed_s"] / gens,
         grad_reduce_per_step_s=stats["grad_reduce_total_s"] / measured,
@@ -108,10 +118,12 @@ def run_zerocomm(ctx: Ctx, mode: str, transport: str | SimulatedTransport, tag: 
         # wait-lane span durations (C++ wait_param only, without the Python hook around it):
         # the small ones are waits whose bucket had already arrived
         wait_span_us=_wait_call_us(spans),
-        n_buckets=len(plan.buckets), bucket_order=[plan.buckets[i].index for i in zopt.sync.units[0].order],
-        plan_rank_numel=plan.rank_numel, transport=sched.transport,
+        n_buckets=len(plan.buckets),
+        bucket_order=[plan.buckets[i].index for i in zopt.sync.units[0].order],
+        plan_rank_numel=plan.rank_numel,
+        transport=sched.transport,
         note="sync_total: param buckets on the comm lane; exposed: compute waiting for them "
-             "(zopt.stats()); per step = over the traced launches",
+        "(zopt.stats()); per step = over the traced launches",
     )
     if keep_trace and ctx.rank == 0:
         path = Path(a.out) / f"overlap_trace_{tag}_{a.device}.json"
