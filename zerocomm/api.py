@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import optimizer_state
 from .blocks import BlocksArg
 from .optimizer import ZeroOptimizer
 from .param_sync import ParamSync, plan_units
@@ -108,6 +109,7 @@ def attach(
         handle = ZeroOptimizer(
             chunks,
             optimizer,
+            optimizer_state,  # the unsharded state_dict format: the optimizer knows none itself
             mode=mode,
             units=units,
             transport=transport,

@@ -16,11 +16,10 @@ import torch.nn as nn
 
 from . import guards
 from .grad_path import GradPath
-from .optimizer_state import consolidated_state_dict, load_consolidated_state_dict
 from .param_sync import ParamSync
 from .plan import Plan
 from .shard_buffers import LocalParam, ShardBuffers
-from .shards import ShardPiece
+from .shards import ShardPiece, StateFormat
 from .validate import all_params, check_elementwise
 
 
@@ -36,6 +35,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self,
         chunks: list[nn.Module],
         optimizer: torch.optim.Optimizer,
+        state_format: StateFormat,
         *,
         master_dtype: torch.dtype | None = None,
         average_grads: bool = True,
@@ -55,6 +55,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.average_grads = average_grads
         self.master_dtype = master_dtype
         self._user_optimizer = optimizer
+        self._state_format = state_format
         self._index: dict[int, int] = {}  # id(param) -> index in the user's order
         self._group_of: dict[int, int] = {}
         self._user_params: list[torch.Tensor] = []
@@ -394,10 +395,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The unsharded optimizer's state_dict (collective over the group;
         with `to_rank` only that rank gets it). Sharded checkpoints:
         zerocomm.checkpoint."""
-        return consolidated_state_dict(self, to_rank)
+        return self._state_format.consolidated_state_dict(self, to_rank)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        load_consolidated_state_dict(self, state_dict)
+        self._state_format.load_consolidated_state_dict(self, state_dict)
 
     def __repr__(self) -> str:
         return f"ZeroOptimizer(mode={self.mode}, optimizer={type(self.optim).__name__}, units={len(self.units)})"

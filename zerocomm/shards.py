@@ -21,6 +21,16 @@ class ShardPiece:
     tensor: torch.Tensor  # what the local optimizer steps: the parameter itself or its master
 
 
+class StateFormat(Protocol):
+    """How the unsharded optimizer's state_dict is assembled from (and split
+    into) every rank's shard: zerocomm.optimizer_state, handed to the
+    optimizer by attach, so the optimizer knows no state format itself."""
+
+    def consolidated_state_dict(self, zopt: Any, to_rank: int | None = None) -> dict: ...
+
+    def load_consolidated_state_dict(self, zopt: Any, sd: dict) -> None: ...
+
+
 class ShardedOptimizer(Protocol):
     """What ZeroOptimizer offers to state_dict consolidation and checkpoints."""
 
