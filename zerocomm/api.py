@@ -91,34 +91,21 @@ def attach(
     check_plan_consistent(fingerprint, error, group=group, device=device)
     timeout_s = float(timeout) if timeout is not None else group_timeout_s(group)
     assert device is not None  # check_model ran: any failure was raised above
+    sync_options: dict[str, Any] = dict(
+        mode=mode,
+        units=units,
+        transport=transport,
+        timeout_s=timeout_s,
+        high_priority=high_priority,
+        zero_copy=zero_copy,
+        device=device,
+    )
     handle: ParamSync | ZeroOptimizer
     if optimizer is None:
-        handle = ParamSync(
-            chunks,
-            mode=mode,
-            units=units,
-            transport=transport,
-            timeout_s=timeout_s,
-            high_priority=high_priority,
-            zero_copy=zero_copy,
-            device=device,
-            copy_in_params=True,
-        )
-        sync = handle
+        handle = sync = ParamSync(chunks, copy_in_params=True, **sync_options)
     else:
-        handle = ZeroOptimizer(
-            chunks,
-            optimizer,
-            optimizer_state,  # the unsharded state_dict format: the optimizer knows none itself
-            mode=mode,
-            units=units,
-            transport=transport,
-            timeout_s=timeout_s,
-            high_priority=high_priority,
-            zero_copy=zero_copy,
-            device=device,
-            **optimizer_options,
-        )
+        # attach hands the optimizer its state_dict format: it knows none itself
+        handle = ZeroOptimizer(chunks, optimizer, optimizer_state, **sync_options, **optimizer_options)
         sync = handle.sync
     for c in chunks:
         setattr(c, _ATTACHED, handle)
