@@ -418,6 +418,7 @@ def _job_concurrent(rank: int, world: int, path: str, job: int, rounds: int, gat
     outcomes, seen = [], []
     for r in range(rounds):
         v = 100 * (job + 1) + r
+        zopt.synchronize()  # the rule: the last step's sync lands before parameters are written
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float(v))
