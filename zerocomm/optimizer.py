@@ -130,9 +130,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return local
 
     # -- gradient path ----------------------------------------------------
-    def _finish_grads(self) -> None:
-        self.grads.finish()
-
     def _bind_grads(self) -> None:
         """Point every local tensor's .grad at its reduced gradient (once per
         step: a cast copy bound here may already have been clipped)."""
@@ -157,7 +154,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip by the true global gradient norm across all shards (as
         torch.nn.utils.clip_grad_norm_ would on the unsharded model); returns it."""
-        self._finish_grads()
         self._bind_grads()
         norm_type = float(norm_type)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -221,7 +217,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         moved = self.sync.rebind_moved_params()
         if moved or self._versions_changed():
             self.refresh_masters()  # take up writes made outside zerocomm since the last step
-        self._finish_grads()
         self._bind_grads()
         if self.pipeline_step:
             self.sync.launch(before_bucket=self._step_bucket)

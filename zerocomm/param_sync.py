@@ -71,6 +71,7 @@ class ParamSync:
         self._launched = False
         self._first_calls: list[nn.Module] = []
         self.attached_to: list[nn.Module] = []  # models attach() marked with this handle
+        self._bindings_checked = False  # rebind_moved_params ran since the last launch
         for name, grp, plan in units:  # planned once, by attach (see plan_units)
             t = open_transport(grp, device, transport, timeout_s, high_priority)
             assert t.world_size == plan.world_size, (name, t.world_size, plan.world_size)
@@ -108,7 +109,9 @@ class ParamSync:
         bucket is enqueued: the sharded optimizer steps that bucket's shard
         there, so its sync starts while later buckets are still stepping."""
         self._check_open()
-        self.rebind_moved_params()
+        if not self._bindings_checked:  # the sharded optimizer checked them before its step
+            self.rebind_moved_params()
+        self._bindings_checked = False
         if not self._launched:
             self._learn_forward_order()
             self._launched = True
@@ -161,6 +164,7 @@ class ParamSync:
                 p, bound = u.plan.params[i].param, u.bound[i]
                 bound.copy_(p.detach())
                 p.data = bound
+        self._bindings_checked = True
         return [u.plan.params[i].name for u, i in moved]
 
     def synchronize(self) -> None:
