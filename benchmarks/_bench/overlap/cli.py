@@ -6,7 +6,7 @@ import argparse
 
 from . import __doc__ as _BENCHMARK_DOC
 
-REAL_VARIANTS = ["zero_torch", "seed_bcast", "zc_broadcast", "zc_allgather", "ddp"]
+REAL_VARIANTS = ["zero_torch", "seed_bcast", "zc_broadcast", "zc_allgather", "ddp", "ds_zero1", "ds_zero2"]
 SIM_VARIANTS = ["sim_blocking", "sim_zc_broadcast", "sim_zc_allgather"]
 
 
@@ -21,9 +21,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default 256 cpu, 8192 cuda)")
     ap.add_argument(
-        "--steps", type=int, default=None, help="steps per variant, warm-up included (default 24 cpu, 30 cuda)"
+        "--steps", type=int, default=None, help="steps per variant, warm-up included (default 36 cpu, 30 cuda)"
     )
-    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument(
+        "--round-steps",
+        type=int,
+        default=6,
+        help="the real variants run in interleaved rounds of this many steps each (round 0: warm-up); "
+        "a variant run alone (simulated) runs all its steps in one round",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unmeasured steps at the start of each interleaved round (a variant run alone skips its first 4)",
+    )
     ap.add_argument(
         "--bucket-mb",
         type=float,
@@ -75,14 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("heads", 4, 16),
         ("seq", 64, 512),
         ("vocab", 256, 8192),
-        ("steps", 24, 30),
+        ("steps", 36, 30),
     ):
         if getattr(args, name) is None:
             setattr(args, name, cuda_v if cuda else cpu_v)
     if args.sim_bandwidth_gbps is not None:
         args.auto_sim = False
-    if args.steps < args.warmup + 3:
-        ap.error("--steps must be at least --warmup + 3")
+    if args.round_steps < args.warmup + 2:
+        ap.error("--round-steps must be at least --warmup + 2 (a measured step and the step closing it)")
+    if args.steps < 2 * args.round_steps:
+        ap.error("--steps must be at least 2 * --round-steps (round 0 is warm-up)")
     if args.variants:
         bad = set(args.variants.split(",")) - set(REAL_VARIANTS + SIM_VARIANTS)
         if bad:

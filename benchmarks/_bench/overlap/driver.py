@@ -18,10 +18,12 @@ from .cli import REAL_VARIANTS, SIM_VARIANTS
 from .context import Ctx, allreduce_mean, lm_loss, unique_params
 from .plots import SpanRow, plot_bars, plot_timeline
 from .report import build_report, print_summary
-from .runners.seed import run_seed_bcast
-from .runners.simulated import measure_forward, run_sim_blocking, sim_setup
-from .runners.torch_baselines import run_ddp, run_zero_torch
-from .runners.zerocomm_runs import run_zerocomm
+from .runners.loop import Schedule, run_alone, run_rounds
+from .runners.seed import make_seed_bcast
+from .runners.simulated import make_sim_blocking, measure_forward, sim_setup
+from .runners.torch_baselines import make_ddp, make_zero_torch
+from .runners.variant import Variant
+from .runners.zerocomm_runs import make_zerocomm
 
 Log = Callable[..., None]
 
@@ -55,27 +57,44 @@ def _log_sim(log: Log, v: str, r: dict[str, Any], secs: float) -> None:
     )
 
 
+def _deepspeed() -> Any:
+    from .runners import deepspeed_runs  # imports deepspeed only when its variants run
+
+    return deepspeed_runs
+
+
 def _run_real(
     ctx: Ctx, variants: list[str], results: dict[str, dict[str, Any]], timings: dict[str, float], log: Log
 ) -> None:
-    """The real-transport variants, every rank in each."""
-    runners: dict[str, Callable[[Ctx], dict[str, Any]]] = {
-        "ddp": run_ddp,
-        "zero_torch": run_zero_torch,
-        "seed_bcast": run_seed_bcast,
-        "zc_broadcast": lambda c: run_zerocomm(c, "broadcast", "auto", "zc_broadcast"),
-        "zc_allgather": lambda c: run_zerocomm(c, "allgather", "auto", "zc_allgather"),
+    """The real-transport variants, every rank in each, in interleaved rounds."""
+    makers: dict[str, Callable[[Ctx], Variant]] = {
+        "ddp": make_ddp,
+        "zero_torch": make_zero_torch,
+        "seed_bcast": make_seed_bcast,
+        "zc_broadcast": lambda c: make_zerocomm(c, "broadcast", "auto", "zc_broadcast"),
+        "zc_allgather": lambda c: make_zerocomm(c, "allgather", "auto", "zc_allgather"),
+        "ds_zero1": lambda c: _deepspeed().make_deepspeed(c, 1),
+        "ds_zero2": lambda c: _deepspeed().make_deepspeed(c, 2),
     }
+    if not variants:
+        return
+    a = ctx.args
+    dist.barrier()
+    t0 = time.perf_counter()
+    built = [makers[v](ctx) for v in variants]
+    sched = Schedule.interleaved(a.steps, a.round_steps, a.warmup)
+    results.update(run_rounds(ctx, built, sched))
+    timings["real"] = time.perf_counter() - t0
+    log(
+        f"  {len(sched.rounds)} interleaved rounds of {a.round_steps} steps per variant, "
+        f"{len(sched.measured)} measured  ({timings['real']:.0f} s)"
+    )
     for v in variants:
-        dist.barrier()
-        t0 = time.perf_counter()
-        ctx.mem.reset()
-        results[v] = runners[v](ctx)
-        timings[v] = time.perf_counter() - t0
+        r = results[v]
         log(
-            f"  {v:18s} step {statistics.median(results[v]['step_s']) * 1e3:7.1f} ms   "
-            f"sync/step {results[v]['sync_total_per_step_s'] * 1e3:6.1f} ms, exposed "
-            f"{results[v]['sync_exposed_per_step_s'] * 1e3:6.1f} ms   ({timings[v]:.0f} s)"
+            f"  {v:18s} step {statistics.median(r['step_s']) * 1e3:7.1f} ms   "
+            f"sync/step {r['sync_total_per_step_s'] * 1e3:6.1f} ms, exposed "
+            f"{r['sync_exposed_per_step_s'] * 1e3:6.1f} ms"
         )
 
 
@@ -121,18 +140,17 @@ def _run_simulated(
     for v in sorted(variants, key=lambda v: v == "sim_blocking"):
         barrier()
         t0 = time.perf_counter()
-        ctx.mem.reset()
         if v == "sim_blocking":
             if "sim_zc_allgather" in results:
                 sync_s = allreduce_mean(ctx, results["sim_zc_allgather"]["sync_total_per_step_s"])[0]
             else:
                 sync_s = sim_cfg["modes"]["allgather"]["sync_s"]
-            results[v] = run_sim_blocking(ctx, sync_s)
+            results[v] = run_alone(ctx, make_sim_blocking(ctx, sync_s), args.steps)
         else:
             mode = v.rsplit("_", 1)[1]
             c = sim_cfg["modes"][mode]
             tr = SimulatedTransport(args.sim_latency_us, c["bandwidth_gbps"], args.sim_world)
-            results[v] = run_zerocomm(ctx, mode, tr, v)
+            results[v] = run_alone(ctx, make_zerocomm(ctx, mode, tr, v), args.steps)
         timings[v] = time.perf_counter() - t0
         _log_sim(log, v, results[v], timings[v])
     if args.sim_extra_layers:
@@ -143,8 +161,7 @@ def _run_simulated(
         c = sim_setup(ctx, "allgather", fwd_l, L)
         tr = SimulatedTransport(args.sim_latency_us, c["bandwidth_gbps"], args.sim_world)
         v = f"sim_zc_allgather_{L}layers"
-        ctx.mem.reset()
-        results[v] = run_zerocomm(ctx, "allgather", tr, v, layers=L, keep_trace=False)
+        results[v] = run_alone(ctx, make_zerocomm(ctx, "allgather", tr, v, layers=L, keep_trace=False), args.steps)
         results[v].update(layers=L, bare_forward_s=fwd_l, sim=c)
         timings[v] = time.perf_counter() - t0
         _log_sim(log, v, results[v], timings[v])
@@ -181,13 +198,21 @@ def run_all(rank: int, world: int, args: argparse.Namespace, device: torch.devic
     real = [v for v in REAL_VARIANTS if v in wanted] if args.transport in ("all", "real") else []
     sim = [v for v in SIM_VARIANTS if v in wanted] if args.transport in ("all", "simulated") else []
     log: Log = (lambda *m: print(*m, flush=True)) if rank == 0 else (lambda *m: None)
+    skipped: dict[str, str] = {}
+    if any(v.startswith("ds_") for v in real):
+        why = _deepspeed().deepspeed_available()
+        if why is not None:
+            skipped = {v: why for v in real if v.startswith("ds_")}
+            real = [v for v in real if v not in skipped]
+            log(f"skipping {', '.join(skipped)}: {why}")
     model = ctx.make_model()
     n_params = sum(p.numel() for p in unique_params(model))
     del model
     log(
         f"TinyGPT dim={args.dim} layers={args.layers} heads={args.heads} seq={args.seq} vocab={args.vocab} "
         f"batch={args.batch}/rank: {n_params:,} params ({n_params * 4 / 2**20:.1f} MiB fp32); "
-        f"{world} rank(s) on {device.type}; {args.steps} steps/variant ({args.warmup} warm-up)"
+        f"{world} rank(s) on {device.type}; {args.steps} steps/variant in rounds of {args.round_steps} "
+        f"(round 0 and each round's first {args.warmup} and last step unmeasured)"
     )
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
@@ -209,4 +234,5 @@ def run_all(rank: int, world: int, args: argparse.Namespace, device: torch.devic
     if rank != 0:
         return
     report = build_report(args, world, device, n_params, results, gathered, sim_cfg, timings, t_start)
+    report["skipped"] = skipped
     _write_outputs(report, results, args)

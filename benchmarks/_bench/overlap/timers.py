@@ -39,11 +39,14 @@ class Clock:
 
 
 class Recorder:
-    """Per-step phase marks: start, after forward, after backward (+ grad sync), end."""
+    """Per-step phase marks: start, after forward, after backward (+ grad sync), end.
+    Steps run in rounds (loop.run_rounds); a step's time runs from its start to the
+    next step's start in the same round, so the round's last step only closes the
+    step before it."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.marks: list[dict[str, Mark]] = []
+        self.marks: list[dict[str, Mark]] = []  # per global step
         self.losses: list[torch.Tensor] = []
 
     def mark(self, key: str) -> None:
@@ -51,21 +54,16 @@ class Recorder:
             self.marks.append({})
         self.marks[-1][key] = self.clock.mark()
 
-    def finish(self, warmup: int) -> dict[str, Any]:
-        """marks[-1] is the start mark recorded after the last step."""
+    def finish(self, measured: list[int]) -> dict[str, Any]:
+        """Figures of the `measured` steps (each followed by a step of the same round)."""
         self.clock.resolve()
-        el = self.clock.elapsed
-        steps = self.marks[:-1]
-        step_t = [el(steps[i]["start"], self.marks[i + 1]["start"]) for i in range(len(steps))]
-        fwd = [el(m["start"], m["fwd"]) for m in steps]
-        bwd = [el(m["fwd"], m["bwd"]) for m in steps]
-        opt = [el(m["bwd"], m["end"]) for m in steps]
+        el, m = self.clock.elapsed, self.marks
         return {
-            "step_s": step_t[warmup:],
-            "forward_s": fwd[warmup:],
-            "backward_s": bwd[warmup:],
-            "optimizer_s": opt[warmup:],
-            "all_step_s": step_t,
+            "step_s": [el(m[i]["start"], m[i + 1]["start"]) for i in measured],
+            "forward_s": [el(m[i]["start"], m[i]["fwd"]) for i in measured],
+            "backward_s": [el(m[i]["fwd"], m[i]["bwd"]) for i in measured],
+            "optimizer_s": [el(m[i]["bwd"], m[i]["end"]) for i in measured],
+            "measured_steps": list(measured),
             "losses": [float(x) for x in self.losses],
         }
 

@@ -10,15 +10,16 @@ from typing import Any
 import torch
 
 from ..context import Ctx, allreduce_mean, lm_loss, state_bytes
-from .loop import plain_backward, timed_steps
-from .zerocomm_runs import run_zerocomm
+from .loop import ALONE_WARMUP, plain_backward, run_alone
+from .variant import Variant
+from .zerocomm_runs import make_zerocomm
 
 
-def run_sim_blocking(ctx: Ctx, sync_s: float) -> dict[str, Any]:
+def make_sim_blocking(ctx: Ctx, sync_s: float) -> Variant:
     """Unsharded AdamW, then `sync_s` slept before the next forward: a sync nothing hides."""
     model = ctx.make_model()
     opt = ctx.adamw(model.parameters())
-    slept: list[float] = []
+    slept: list[float] = []  # one per step, in step order
 
     def step(_s: int) -> None:
         opt.step()
@@ -29,19 +30,20 @@ def run_sim_blocking(ctx: Ctx, sync_s: float) -> dict[str, Any]:
         time.sleep(sync_s)  # the modelled param sync, done synchronously
         slept.append(time.perf_counter() - t0)
 
-    out = timed_steps(ctx, model, ctx.args.steps, plain_backward, step).finish(ctx.args.warmup)
-    slept = slept[ctx.args.warmup :]
-    out.update(
-        opt_state_bytes=state_bytes(opt),
-        memory=ctx.mem.peak(),
-        sync_total_per_step_s=statistics.mean(slept),
-        sync_exposed_per_step_s=statistics.mean(slept),
-        exposed_fraction=1.0,
-        modelled_sync_s=sync_s,
-        note="unsharded AdamW; the modelled param-sync time slept after the step (exposed == total); "
-        "no grad reduction modelled",
-    )
-    return out
+    def finish(out: dict[str, Any], measured: list[int]) -> dict[str, Any]:
+        mine = [slept[s] for s in measured]
+        out.update(
+            opt_state_bytes=state_bytes(opt),
+            sync_total_per_step_s=statistics.mean(mine),
+            sync_exposed_per_step_s=statistics.mean(mine),
+            exposed_fraction=1.0,
+            modelled_sync_s=sync_s,
+            note="unsharded AdamW; the modelled param-sync time slept after the step (exposed == total); "
+            "no grad reduction modelled",
+        )
+        return out
+
+    return Variant("sim_blocking", model, plain_backward, step, finish=finish)
 
 
 def measure_forward(ctx: Ctx, layers: int | None = None, reps: int = 8) -> float:
@@ -99,7 +101,7 @@ def sim_setup(ctx: Ctx, mode: str, fwd_s: float, layers: int | None = None) -> d
     bw0 = calibrate_bandwidth(ctx, mode, fwd_s, layers)
     m0 = modelled_sync(ctx, mode, bw0, layers)
     tr = SimulatedTransport(a.sim_latency_us, bw0, a.sim_world)
-    probe = run_zerocomm(ctx, mode, tr, "probe", layers=layers, keep_trace=False, steps=a.warmup + 4)
+    probe = run_alone(ctx, make_zerocomm(ctx, mode, tr, "probe", layers=layers, keep_trace=False), ALONE_WARMUP + 5)
     fwd_compute = statistics.median(probe["forward_s"]) - probe["sync_exposed_per_step_s"]
     overhead = probe["sync_total_per_step_s"] - m0["sync_s"]
     fwd_compute, overhead = allreduce_mean(ctx, fwd_compute, overhead)

@@ -9,10 +9,11 @@ import torch
 
 from ..context import Ctx, state_bytes, unique_params
 from ..timers import Mark
-from .loop import backward_then_allreduce, plain_backward, timed_steps
+from .loop import backward_then_allreduce, plain_backward
+from .variant import Variant
 
 
-def run_ddp(ctx: Ctx) -> dict[str, Any]:
+def make_ddp(ctx: Ctx) -> Variant:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = ctx.make_model()
@@ -23,26 +24,27 @@ def run_ddp(ctx: Ctx) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = timed_steps(ctx, ddp, ctx.args.steps, plain_backward, step).finish(ctx.args.warmup)
-    out.update(
-        opt_state_bytes=state_bytes(opt),
-        memory=ctx.mem.peak(),
-        sync_total_per_step_s=0.0,
-        sync_exposed_per_step_s=0.0,
-        note="no parameter sync: every rank steps the full model; grads all-reduced in "
-        "DDP buckets overlapped with backward",
-    )
-    return out
+    def finish(out: dict[str, Any], _measured: list[int]) -> dict[str, Any]:
+        out.update(
+            opt_state_bytes=state_bytes(opt),
+            sync_total_per_step_s=0.0,
+            sync_exposed_per_step_s=0.0,
+            note="no parameter sync: every rank steps the full model; grads all-reduced in "
+            "DDP buckets overlapped with backward",
+        )
+        return out
+
+    return Variant("ddp", ddp, plain_backward, step, finish=finish)
 
 
-def run_zero_torch(ctx: Ctx) -> dict[str, Any]:
+def make_zero_torch(ctx: Ctx) -> Variant:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = ctx.make_model()
     params = unique_params(model)
     zro = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=ctx.args.lr, weight_decay=0.1)
     clock = ctx.clock
-    sync_marks: list[tuple[Mark, Mark]] = []
+    sync_marks: list[tuple[Mark, Mark]] = []  # one per step, in step order
     grad_marks: list[tuple[Mark, Mark]] = []
     # step() = local step + _sync_params(), the blocking broadcast of every shard; torch
     # has no public hook there, so the benchmark wraps that private method to time it
@@ -59,20 +61,19 @@ def run_zero_torch(ctx: Ctx) -> dict[str, Any]:
         zro.step()
         zro.zero_grad(set_to_none=True)
 
-    backward = backward_then_allreduce(ctx, params, grad_marks)
-    out = timed_steps(ctx, model, ctx.args.steps, backward, step).finish(ctx.args.warmup)
-    w = ctx.args.warmup
-    sync = [clock.elapsed(a, b) for a, b in sync_marks][w:]
-    grad = [clock.elapsed(a, b) for a, b in grad_marks][w:]
-    out.update(
-        opt_state_bytes=state_bytes(zro.optim),
-        memory=ctx.mem.peak(),
-        sync_per_step_s=sync,
-        sync_total_per_step_s=statistics.mean(sync),
-        sync_exposed_per_step_s=statistics.mean(sync),
-        grad_sync_per_step_s=statistics.mean(grad),
-        grad_sync_exposed_per_step_s=statistics.mean(grad),
-        note="param sync = ZeroRedundancyOptimizer._sync_params() inside step(), blocking: "
-        "exposed == total; grads: one flat all_reduce after backward (exposed)",
-    )
-    return out
+    def finish(out: dict[str, Any], measured: list[int]) -> dict[str, Any]:
+        sync = [clock.elapsed(*sync_marks[s]) for s in measured]
+        grad = [clock.elapsed(*grad_marks[s]) for s in measured]
+        out.update(
+            opt_state_bytes=state_bytes(zro.optim),
+            sync_per_step_s=sync,
+            sync_total_per_step_s=statistics.mean(sync),
+            sync_exposed_per_step_s=statistics.mean(sync),
+            grad_sync_per_step_s=statistics.mean(grad),
+            grad_sync_exposed_per_step_s=statistics.mean(grad),
+            note="param sync = ZeroRedundancyOptimizer._sync_params() inside step(), blocking: "
+            "exposed == total; grads: one flat all_reduce after backward (exposed)",
+        )
+        return out
+
+    return Variant("zero_torch", model, backward_then_allreduce(ctx, params, grad_marks), step, finish=finish)

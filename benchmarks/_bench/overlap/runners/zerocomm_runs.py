@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..context import Ctx, lm_loss, state_bytes
-from .loop import timed_steps
+from ..context import Ctx, state_bytes
+from .variant import Variant
 
 if TYPE_CHECKING:  # zerocomm is imported in the ranks only, after the group exists
     from zerocomm.optimizer import ZeroOptimizer
@@ -57,15 +57,14 @@ def _buffer_bytes(zopt: ZeroOptimizer) -> int:
     return zopt.buffer_bytes()
 
 
-def run_zerocomm(
+def make_zerocomm(
     ctx: Ctx,
     mode: str,
     transport: str | SimulatedTransport,
     tag: str,
     layers: int | None = None,
     keep_trace: bool = True,
-    steps: int | None = None,
-) -> dict[str, Any]:
+) -> Variant:
     import zerocomm
 
     model = ctx.make_model(layers)
@@ -73,63 +72,74 @@ def run_zerocomm(
     zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=ctx.args.bucket_mb, transport=transport, group=ctx.group)
     sched = zopt.sync.units[0].sched
     a = ctx.args
-    n_steps = steps or a.steps
+    traced = {"armed": False, "on": False, "launches": 0}
 
     def backward(loss: torch.Tensor) -> None:
         i = sched.trace_begin("compute", "backward")
         loss.backward()
         sched.trace_end(i)
 
-    def step(s: int) -> None:
-        if s == a.warmup - 1:
-            # From the last warm-up step's launch on: every traced launch is
-            # consumed by a traced forward (the extra one below takes the last).
+    def step(_s: int) -> None:
+        if traced["armed"] and not traced["on"]:
+            # From this launch on: every traced launch is consumed by a traced
+            # forward (the round's last one by pause()'s synchronize).
             zopt.enable_tracing()
+            traced["on"] = True
         i = sched.trace_begin("compute", "zopt.step()")
         zopt.step()
         sched.trace_end(i)
         zopt.zero_grad()
+        traced["launches"] += traced["on"]
 
-    rec = timed_steps(ctx, model, n_steps, backward, step)
-    with torch.no_grad():  # the forward that waits for the last step's sync
-        lm_loss(model, *ctx.batch(n_steps))
-    stats = zopt.stats()
-    spans = zopt.trace()
-    out = rec.finish(a.warmup)
-    gens = n_steps - a.warmup + 1  # launches traced
-    measured = n_steps - a.warmup
-    plan = zopt.plan
-    waits_by_bucket = {k: v / gens for k, v in stats["wait_by_bucket_s"].items()}
-    out.update(
-        opt_state_bytes=state_bytes(zopt.optim),
-        memory=ctx.mem.peak(),
-        zerocomm_buffer_bytes=_buffer_bytes(zopt),
-        sync_total_s=stats["sync_total_s"],
-        sync_exposed_s=stats["sync_exposed_s"],
-        exposed_fraction=stats["exposed_fraction"],
-        traced_syncs=gens,
-        sync_total_per_step_s=stats["sync_total_s"] / gens,
-        sync_exposed_per_step_s=stats["sync_exposed_s"] / gens,
-        grad_reduce_per_step_s=stats["grad_reduce_total_s"] / measured,
-        grad_wait_per_step_s=stats["grad_wait_s"] / gens,
-        bucket_sync_median_s={k: v["median_s"] for k, v in stats["buckets"].items()},
-        wait_per_step_by_bucket_s=waits_by_bucket,
-        exposed_per_step_by_block_s=exposed_by_block(spans, gens),
-        # wait-lane span durations (C++ wait_param only, without the Python hook around it):
-        # the small ones are waits whose bucket had already arrived
-        wait_span_us=_wait_call_us(spans),
-        n_buckets=len(plan.buckets),
-        bucket_order=[plan.buckets[i].index for i in zopt.sync.units[0].order],
-        plan_rank_numel=plan.rank_numel,
-        transport=sched.transport,
-        note="sync_total: param buckets on the comm lane; exposed: compute waiting for them "
-        "(zopt.stats()); per step = over the traced launches",
+    def start_measuring() -> None:
+        traced["armed"] = True
+
+    def finish(out: dict[str, Any], measured: list[int]) -> dict[str, Any]:
+        stats = zopt.stats()
+        spans = zopt.trace()
+        gens = max(1, traced["launches"])  # launches traced
+        plan = zopt.plan
+        waits_by_bucket = {k: v / gens for k, v in stats["wait_by_bucket_s"].items()}
+        out.update(
+            opt_state_bytes=state_bytes(zopt.optim),
+            zerocomm_buffer_bytes=_buffer_bytes(zopt),
+            sync_total_s=stats["sync_total_s"],
+            sync_exposed_s=stats["sync_exposed_s"],
+            exposed_fraction=stats["exposed_fraction"],
+            traced_syncs=gens,
+            sync_total_per_step_s=stats["sync_total_s"] / gens,
+            sync_exposed_per_step_s=stats["sync_exposed_s"] / gens,
+            # tracing starts at a launch: the backward of that step was not traced
+            grad_reduce_per_step_s=stats["grad_reduce_total_s"] / max(1, gens - 1),
+            grad_wait_per_step_s=stats["grad_wait_s"] / max(1, gens - 1),
+            bucket_sync_median_s={k: v["median_s"] for k, v in stats["buckets"].items()},
+            wait_per_step_by_bucket_s=waits_by_bucket,
+            exposed_per_step_by_block_s=exposed_by_block(spans, gens),
+            # wait-lane span durations (C++ wait_param only, without the Python hook around it):
+            # the small ones are waits whose bucket had already arrived
+            wait_span_us=_wait_call_us(spans),
+            n_buckets=len(plan.buckets),
+            bucket_order=[plan.buckets[i].index for i in zopt.sync.units[0].order],
+            plan_rank_numel=plan.rank_numel,
+            transport=sched.transport,
+            note="sync_total: param buckets on the comm lane; exposed: compute waiting for them "
+            "(zopt.stats()); per step = over the traced launches",
+        )
+        if keep_trace and ctx.rank == 0:
+            path = Path(a.out) / f"overlap_trace_{tag}_{a.device}.json"
+            zopt.export_chrome_trace(str(path))
+            out["chrome_trace"] = str(path)
+            names = _bucket_block_names(zopt)
+            out["spans"] = [(s.lane, names.get(s.label, s.label), s.start, s.end) for s in spans]
+        return out
+
+    return Variant(
+        tag,
+        model,
+        backward,
+        step,
+        pause=zopt.synchronize,  # the round's last sync lands before the next variant runs
+        start_measuring=start_measuring,
+        finish=finish,
+        close=zopt.close,
     )
-    if keep_trace and ctx.rank == 0:
-        path = Path(a.out) / f"overlap_trace_{tag}_{a.device}.json"
-        zopt.export_chrome_trace(str(path))
-        out["chrome_trace"] = str(path)
-        names = _bucket_block_names(zopt)
-        out["spans"] = [(s.lane, names.get(s.label, s.label), s.start, s.end) for s in spans]
-    zopt.close()
-    return out
