@@ -12,29 +12,44 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..context import Ctx, state_bytes
 from .variant import Variant
 
 
-def _set_env(accelerator: str) -> None:
-    # read once, when deepspeed first picks its accelerator: set before the import
+def _import_deepspeed(accelerator: str) -> Any:
+    """deepspeed, imported quietly on `accelerator` (read once, at its first use:
+    the environment is set before the import)."""
     os.environ.setdefault("DS_ACCELERATOR", accelerator)
     os.environ.setdefault("DS_BUILD_OPS", "0")
-
-
-def deepspeed_available(accelerator: str = "cpu") -> str | None:
-    """None when deepspeed imports and runs on `accelerator` (cpu, or cuda for
-    --device cuda), else a one-line reason to skip the ds_* variants."""
-    _set_env(accelerator)
+    ext_log = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU hosts
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
     try:
         import deepspeed
+    finally:
+        ext_log.setLevel(level)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def deepspeed_available(accelerator: str | None = None) -> str | None:
+    """None when deepspeed imports and runs on `accelerator`, else a one-line reason
+    to skip the ds_* variants. None: cuda in an NCCL rank (--device cuda), else cpu."""
+    if accelerator is None:
+        nccl = dist.is_initialized() and "nccl" in str(dist.get_backend())
+        accelerator = "cuda" if nccl else "cpu"
+    try:
+        deepspeed = _import_deepspeed(accelerator)
         from deepspeed.accelerator import get_accelerator
     except Exception as e:  # ImportError, or a broken install failing inside its import
-        return f"deepspeed not importable ({type(e).__name__}: {e}); DS_BUILD_OPS=0 pip install -r requirements-bench.txt"
+        why = (str(e).splitlines() or [""])[0]
+        return f"deepspeed not importable ({type(e).__name__}: {why}): see requirements-bench.txt"
     name = get_accelerator().device_name()
     if name != accelerator:
         return f"deepspeed {deepspeed.__version__} chose accelerator {name!r}, not {accelerator!r} (DS_ACCELERATOR)"
@@ -55,13 +70,14 @@ def ds_config(ctx: Ctx, stage: int) -> dict[str, Any]:
 
 
 def make_deepspeed(ctx: Ctx, stage: int) -> Variant:
-    _set_env("cuda" if ctx.cuda else "cpu")
+    deepspeed = _import_deepspeed("cuda" if ctx.cuda else "cpu")
     # the engine reads LOCAL_RANK (torchrun sets it; spawn_gloo_ranks does not): one host
     os.environ.setdefault("LOCAL_RANK", str(ctx.device.index if ctx.cuda else ctx.rank))
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op (C++, used by
+    # its inference all-reduce only, not by training): mark it unbuildable so nothing compiles
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # ZeRO's all_gather_into_tensor calls: torch 2.14 warns once per rank that it is deprecated
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
     # the group exists (gloo on CPU): deepspeed wraps it instead of initializing one
     deepspeed.init_distributed(dist_backend="nccl" if ctx.cuda else "gloo", verbose=False)
     model = ctx.make_model()
@@ -71,10 +87,14 @@ def make_deepspeed(ctx: Ctx, stage: int) -> Variant:
     inner = getattr(opt, "optimizer", opt)
 
     def backward(loss: torch.Tensor) -> None:
-        engine.backward(loss)  # ZeRO-1: grads all-reduced at the end; ZeRO-2: reduce-scattered in buckets
+        # backward, then each grad slice reduced onto the rank that owns its partition, in
+        # reduce_bucket_size buckets (ZeRO-2 fills them from grad hooks; this model fits one)
+        engine.backward(loss)
 
     def step(_s: int) -> None:
-        engine.step()  # the optimizer step, then the ZeRO optimizer's zero_grad (grads set to None)
+        # AdamW on this rank's partition, the updated partitions all-gathered into every
+        # rank's params, then the ZeRO optimizer's zero_grad (grads set to None)
+        engine.step()
 
     def finish(out: dict[str, Any], measured: list[int]) -> dict[str, Any]:
         out.update(
