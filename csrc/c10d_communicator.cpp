@@ -1,6 +1,7 @@
 // The Communicator base (abort flag, abortable holds) and the two CPU-side
 // communicators: any c10d backend (gloo) and the simulated transport.
 #include <chrono>
+#include <map>
 #include <thread>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
@@ -103,7 +104,9 @@ class C10dCommunicator final : public Communicator {
     throw_if_aborted("all_gather");
     // gloo copies input into output slot by slot; a private copy of the
     // shard keeps the input from aliasing the output it is gathered into.
-    auto shard = flat.chunk(size())[rank()].clone();
+    const int64_t n = flat.numel() / size();
+    auto shard = scratch(flat, n);
+    shard.copy_(flat.narrow(0, rank() * n, n));
     wait(pg_->all_gather_single(flat, shard), "all_gather");
   }
   void reduce(at::Tensor& t, int root, bool average) override {
@@ -164,8 +167,17 @@ class C10dCommunicator final : public Communicator {
     }
     work->wait();  // complete: rethrows the backend's error, if any
   }
+  // The shard copy's buffer, one per dtype, kept across calls: a fresh
+  // clone per bucket and step cost an mmap, page faults and zeroed pages.
+  // Only the comm worker calls the collectives, so no lock.
+  at::Tensor scratch(const at::Tensor& like, int64_t n) {
+    auto& buf = scratch_[like.scalar_type()];
+    if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, like.options());
+    return buf.narrow(0, 0, n);
+  }
   c10::intrusive_ptr<c10d::Backend> pg_;
   std::chrono::milliseconds timeout_;
+  std::map<at::ScalarType, at::Tensor> scratch_;
 };
 
 class SimulatedCommunicator final : public Communicator {

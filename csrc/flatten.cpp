@@ -1,7 +1,5 @@
 #include "flatten.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstring>
 
@@ -10,48 +8,35 @@ namespace {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Bytes of all tensors packed back to back: the unit the CPU loop splits.
-std::vector<int64_t> packed_prefix(const FlatLayout& layout, int64_t elem) {
-  std::vector<int64_t> prefix(layout.size() + 1, 0);
-  for (size_t i = 0; i < layout.size(); ++i)
-    prefix[i + 1] = prefix[i] + layout.numels[i] * elem;
-  return prefix;
-}
-
+// [Note: CPU copy threading] One thread: the caller's. The copy runs on the
+// comm worker, beside the training step's compute and its intra-op pool (and
+// at hand-over, on that compute thread itself). An OpenMP team started from
+// the worker takes cores the forward is using; its threads then spin at the
+// team barrier while the thread they wait for is descheduled. With a busy
+// thread on the other core, benchmarks/flatten.py measured the old two-thread
+// loop at 0.51 GB/s for 1000 x 4 KB (20 GB/s quiet) and 1.3 GB/s for 10 x 1 MB,
+// below torch.cat's serial kernel in the same run (4 and 21-23 GB/s). One
+// memcpy stream per tensor reaches most of a core's copy bandwidth, costs no
+// dispatch per tensor, and cannot be slowed down by a busy core it does not
+// use. Figures for this version: benchmarks/results/cpu/flatten_cpu.json.
 void fused_copy_cpu(const std::vector<at::Tensor>& tensors,
                     const FlatLayout& layout, const at::Tensor& flat,
                     bool to_flat) {
   const int64_t elem = flat.element_size();
-  const auto prefix = packed_prefix(layout, elem);
-  const int64_t total = prefix.back();
-  if (total == 0) return;
   auto* flat_base = static_cast<char*>(flat.data_ptr());
-  std::vector<char*> ptrs(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i)
-    ptrs[i] = static_cast<char*>(tensors[i].data_ptr());
-  // Split by bytes, not by tensor, so one big tensor still uses every core
-  // and ten thousand small ones cost one loop, not ten thousand dispatches.
-  constexpr int64_t kGrain = 256 * 1024;
-  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    size_t i = std::upper_bound(prefix.begin(), prefix.end(), begin) -
-               prefix.begin() - 1;
-    for (int64_t pos = begin; pos < end; ++i) {
-      const int64_t lo = pos - prefix[i];
-      const int64_t n = std::min(end, prefix[i + 1]) - pos;
-      if (n <= 0) continue;
-      char* packed = ptrs[i] + lo;
-      char* in_flat = flat_base + layout.offsets[i] * elem + lo;
-      // A tensor that already is a view of its slot (zero-copy parameters)
-      // needs no copy, and memcpy onto itself is undefined.
-      if (packed != in_flat) {
-        if (to_flat)
-          std::memcpy(in_flat, packed, n);
-        else
-          std::memcpy(packed, in_flat, n);
-      }
-      pos += n;
-    }
-  });
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t n = layout.numels[i] * elem;
+    if (n == 0) continue;
+    char* packed = static_cast<char*>(tensors[i].data_ptr());
+    char* in_flat = flat_base + layout.offsets[i] * elem;
+    // A tensor that already is a view of its slot (zero-copy parameters)
+    // needs no copy, and memcpy onto itself is undefined.
+    if (packed == in_flat) continue;
+    if (to_flat)
+      std::memcpy(in_flat, packed, n);
+    else
+      std::memcpy(packed, in_flat, n);
+  }
 }
 
 void fused_copy(const std::vector<at::Tensor>& tensors,

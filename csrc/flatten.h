@@ -1,5 +1,6 @@
 // Fused flatten / unflatten: copy many tensors into (or out of) one flat
-// buffer with a single kernel launch (CUDA) or one parallel loop (CPU).
+// buffer with a single kernel launch (CUDA) or one loop of memcpy on the
+// calling thread (CPU: [Note: CPU copy threading] in flatten.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

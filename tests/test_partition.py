@@ -412,6 +412,26 @@ def test_allgather_groups_consecutive_blocks_up_to_cap():
     assert plan.block_buckets == [[0, 1], [2]]
 
 
+def test_allgather_cuts_a_block_bigger_than_the_cap_at_parameter_boundaries():
+    # [Note: bucket size]: one block of four 256 KiB parameters, cap 0.6 MiB
+    block = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(4)])
+    m = nn.Module()
+    m.layers = nn.ModuleList([nn.Linear(8, 8, bias=False), block, nn.Linear(8, 8, bias=False)])  # three blocks
+    plan = build_plan(m, mode="allgather", world_size=2, bucket_mb=0.6)
+    # the small blocks share buckets with the big block's first and last two params
+    assert [b.params for b in plan.buckets] == [[0, 1, 2], [3, 4, 5]]
+    assert plan.block_buckets == [[0], [0, 1], [1]]
+    assert all(b.nbytes <= 0.6 * 2**20 for b in plan.buckets)
+    # each rank still steps an even slice of every bucket
+    assert all(b.shard_numel * 2 == b.padded_numel for b in plan.buckets)
+    # a single parameter bigger than the cap is never cut
+    big = nn.Sequential(nn.Linear(1024, 256, bias=False), nn.Linear(256, 256, bias=False))
+    assert [b.params for b in build_plan(big, mode="allgather", world_size=2, bucket_mb=0.5).buckets] == [
+        [0],
+        [1],
+    ]
+
+
 def test_broadcast_buckets_respect_owner_dtype_and_cap():
     m = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(5)])  # 256 KiB each
     plan = build_plan(m, mode="broadcast", world_size=1, bucket_mb=0.5)

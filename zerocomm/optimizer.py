@@ -80,6 +80,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             (names.get(id(p), f"param {i}"), p) for i, p in enumerate(self._user_params) if id(p) not in planned
         ]
         self._versions: list[int] = []
+        self._groups_for: dict[tuple[int, int], list[tuple[int, int]]] = {}  # see _step_groups
         self._grads_bound = False
         self._hooks: list[Any] = []
         self.buffers = ShardBuffers(self.units, self._index, self._group_of, master_dtype, self.device)
@@ -249,8 +250,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return any(p._version != v for p, v in zip(self._plan_params(), self._versions))
 
     def _step_bucket(self, ui: int, b: int) -> None:
-        """Step only the local tensors of bucket (ui, b), then write back."""
-        lps = self.buffers.buckets[ui][b].locals
+        """Called by launch() just before bucket (ui, b) is enqueued: step the
+        local tensors of the step group that starts there ([Note: pipelined
+        step] in docs/design.md), then write them back."""
+        group = self._step_groups().get((ui, b))
+        if group is None:
+            return  # stepped with an earlier bucket of its group
+        lps = [lp for uj, bj in group for lp in self.buffers.buckets[uj][bj].locals]
         if lps:
             keep = {id(lp.tensor) for lp in lps}
             saved = [g["params"] for g in self.optim.param_groups]
@@ -261,7 +267,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
             finally:
                 for g, params in zip(self.optim.param_groups, saved):
                     g["params"] = params
-        self.buffers.write_back(ui, b)
+        for uj, bj in group:
+            self.buffers.write_back(uj, bj)
+
+    def _step_groups(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """First bucket of each step group -> the group's buckets, in launch
+        order: 1, 2, 4, ... buckets, so the first sync starts after one bucket
+        is stepped while the number of optimizer.step() calls (each with a
+        fixed cost in Python) stays logarithmic in the number of buckets."""
+        seq = self.sync.sequence
+        if len(self._groups_for) != len(seq):
+            self._groups_for = {}
+            at, size = 0, 1
+            while at < len(seq):
+                self._groups_for[seq[at]] = seq[at : at + size]
+                at, size = at + size, 2 * size
+        return self._groups_for
 
     def _reset_grad_state(self) -> None:
         """Unbind the reduction buffers from the local tensors (a model

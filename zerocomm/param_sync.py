@@ -72,6 +72,7 @@ class ParamSync:
         self._first_calls: list[nn.Module] = []
         self.attached_to: list[nn.Module] = []  # models attach() marked with this handle
         self._bindings_checked = False  # rebind_moved_params ran since the last launch
+        self._sequence: list[tuple[int, int]] = []  # (unit, bucket) launch order, from the first launch
         for name, grp, plan in units:  # planned once, by attach (see plan_units)
             t = open_transport(grp, device, transport, timeout_s, high_priority)
             assert t.world_size == plan.world_size, (name, t.world_size, plan.world_size)
@@ -100,6 +101,12 @@ class ParamSync:
     @property
     def plans(self) -> dict[str, Plan]:
         return {u.name: u.plan for u in self.units}
+
+    @property
+    def sequence(self) -> list[tuple[int, int]]:
+        """(unit, bucket) in launch order, the same on every rank; learnt from
+        the first forward at the first launch (empty before it)."""
+        return list(self._sequence)
 
     def launch(self, before_bucket: Callable[[int, int], None] | None = None) -> None:
         """Enqueue the sync of every bucket, in forward order, after the work

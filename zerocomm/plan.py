@@ -324,12 +324,24 @@ def build_plan(
                     segs.append([i])
             for seg in segs:
                 seg_bytes = sum(slot_bytes[i] for i in seg)
-                if groups and params[groups[-1][-1]].dtype == params[seg[0]].dtype and cur_bytes + seg_bytes <= cap:
+                same = bool(groups) and params[groups[-1][-1]].dtype == params[seg[0]].dtype
+                if same and cur_bytes + seg_bytes <= cap:
                     groups[-1].extend(seg)
                     cur_bytes += seg_bytes
-                else:
+                elif seg_bytes <= cap:
                     groups.append(list(seg))
                     cur_bytes = seg_bytes
+                else:
+                    # [Note: bucket size] A block bigger than the cap is cut at
+                    # parameter boundaries into buckets of at most the cap.
+                    for i in seg:
+                        if same and cur_bytes + slot_bytes[i] <= cap:
+                            groups[-1].append(i)
+                            cur_bytes += slot_bytes[i]
+                        else:
+                            groups.append([i])
+                            cur_bytes = slot_bytes[i]
+                        same = True
         rank_numel = [0] * world_size  # filled below from the shards
 
     buckets: list[Bucket] = []
