@@ -27,8 +27,8 @@ norm, head; tensors as GPT-2 / Llama):
                    Latency term ~ N*(N-1)*alpha: grows with N^2 (until N passes #tensors).
                    Stored too: broadcast_bucketed = zerocomm's planner today (a rank's run is
                    cut at --bucket-mb, a bigger tensor is its own launch).
-  allgather mode   one all-gather per bucket (consecutive blocks merged up to --bucket-mb,
-                   padded to N*16 bytes): t = K*(N-1)*alpha + (N-1)/N*P*b/beta, K independent of N.
+  allgather mode   one all-gather per bucket (consecutive blocks merged up to --bucket-mb, a
+                   bigger block cut at tensor boundaries, padded to N*16 bytes): t = K*(N-1)*alpha + (N-1)/N*P*b/beta, K independent of N.
   rs+ag            allgather mode's whole step: reduce-scatter of the grads (--grad-bytes per
                    element) during backward + the all-gather of the params.
 
@@ -199,20 +199,33 @@ def block_forward_times(name: str, flops: float, tokens: int) -> list[float]:
     return out
 
 
-def allgather_buckets(block_bytes: list[int], cap: float, n: int) -> list[tuple[int, list[int]]]:
-    """(padded bytes, blocks) per bucket: consecutive blocks merged up to the cap, as zerocomm's plan."""
+def allgather_buckets(block_tensor_bytes: list[list[int]], cap: float, n: int) -> list[tuple[int, list[int]]]:
+    """(padded bytes, blocks) per bucket, as zerocomm's plan ([Note: bucket size]):
+    consecutive blocks merged up to the cap, a block bigger than the cap cut at
+    tensor boundaries (a tensor bigger than the cap is a bucket of its own)."""
     buckets: list[list] = []
-    cur = 0
-    for k, nb in enumerate(block_bytes):
-        if nb == 0:
-            continue
-        if buckets and cur + nb <= cap:
+    cur = 0.0
+
+    def add(nb: int, k: int, fits: bool) -> None:
+        nonlocal cur
+        if buckets and fits:
             buckets[-1][0] += nb
-            buckets[-1][1].append(k)
+            if buckets[-1][1][-1] != k:
+                buckets[-1][1].append(k)
             cur += nb
         else:
             buckets.append([nb, [k]])
             cur = nb
+
+    for k, tensors in enumerate(block_tensor_bytes):
+        nb = sum(tensors)
+        if nb == 0:
+            continue
+        if nb <= cap:
+            add(nb, k, cur + nb <= cap)
+            continue
+        for t in tensors:
+            add(t, k, cur + t <= cap)
     unit = n * ALIGN_BYTES
     return [(int(math.ceil(b / unit) * unit), ks) for b, ks in buckets]
 
@@ -288,8 +301,7 @@ def predict(name: str, n: int, cal: dict, prof: dict) -> dict:
     out = {"params": P, "forward_s": sum(fwd), "backward_s": sum(bwd), "lower_bound_bytes": lower}
 
     # allgather mode
-    block_bytes = [sum(t) * b for t in blocks]
-    ag = allgather_buckets(block_bytes, cap, n)
+    ag = allgather_buckets([[t * b for t in blk] for blk in blocks], cap, n)
     ag_t = [t_allgather(x, n, cal["alpha_ag_s"], cal["beta_ag_Bps"], cal["copy_Bps"], lat) for x, _ in ag]
     ag_blocks = [ks for _, ks in ag]
     ag_exposed = pipeline_exposed(ag_t, _with_tied(ag_blocks, blocks), fwd)

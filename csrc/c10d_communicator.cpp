@@ -87,7 +87,9 @@ namespace {
 class C10dCommunicator final : public Communicator {
  public:
   C10dCommunicator(c10::intrusive_ptr<c10d::Backend> pg, int64_t timeout_ms)
-      : pg_(std::move(pg)), timeout_(timeout_ms) {}
+      : pg_(std::move(pg)),
+        timeout_(timeout_ms),
+        gloo_(pg_->getBackendName() == "gloo") {}
 
   int rank() const override { return pg_->getRank(); }
   int size() const override { return pg_->getSize(); }
@@ -102,9 +104,24 @@ class C10dCommunicator final : public Communicator {
   }
   void all_gather(at::Tensor& flat) override {
     throw_if_aborted("all_gather");
+    const int64_t n = flat.numel() / size();
+    if (gloo_ && size() <= kGlooBroadcastGatherMax) {
+      // [Note: gloo all-gather] Each slice broadcast in place from its
+      // owner: no copy of this rank's shard, and less CPU than gloo's
+      // all-gather (2 ranks, 3 MiB: 2.1 against 2.3 ms; 4 ranks: 3.0
+      // against 3.4 ms; benchmarks/collectives.py).
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      for (int r = 0; r < size(); ++r) {
+        std::vector<at::Tensor> v{flat.narrow(0, r * n, n)};
+        c10d::BroadcastOptions opts;
+        opts.rootRank = r;
+        works.push_back(pg_->broadcast(v, opts));
+      }
+      for (auto& w : works) wait(w, "all_gather");
+      return;
+    }
     // gloo copies input into output slot by slot; a private copy of the
     // shard keeps the input from aliasing the output it is gathered into.
-    const int64_t n = flat.numel() / size();
     auto shard = scratch(flat, n);
     shard.copy_(flat.narrow(0, rank() * n, n));
     wait(pg_->all_gather_single(flat, shard), "all_gather");
@@ -120,6 +137,10 @@ class C10dCommunicator final : public Communicator {
   void reduce_scatter(at::Tensor& flat, at::Tensor& shard,
                       bool average) override {
     throw_if_aborted("reduce_scatter");
+    if (gloo_) {
+      reduce_scatter_gloo(flat, shard, average);
+      return;
+    }
     wait(pg_->reduce_scatter_single(shard, flat), "reduce_scatter");
     if (average) shard.div_(size());
   }
@@ -150,10 +171,10 @@ class C10dCommunicator final : public Communicator {
             flag->notify();
           });
     } catch (const c10::Error&) {
-      // No future: gloo's reduce-scatter runs inside Work::wait itself
-      // (nothing happens before it is called), so that wait cannot be
-      // interrupted; it is bounded by the timeout, which is also the
-      // private gloo backend's own.
+      // No future: the work runs inside Work::wait itself (gloo's
+      // reduce_scatter_single does; zerocomm no longer calls it on gloo:
+      // [Note: gloo reduce-scatter]), so that wait cannot be interrupted;
+      // it is bounded by the timeout.
       const bool ok = work->wait(timeout_);
       TORCH_CHECK(ok, "zerocomm: ", op, " on the ", name(),
                   " group timed out after ", timeout_.count(), " ms");
@@ -167,6 +188,38 @@ class C10dCommunicator final : public Communicator {
     }
     work->wait();  // complete: rethrows the backend's error, if any
   }
+  // [Note: gloo reduce-scatter] gloo's reduce_scatter_single is slower than
+  // its own all-reduce of the whole buffer (2 ranks, 1 MiB: 3.7 ms wall and
+  // 2.2 ms CPU, against 3.4 / 1.3 ms; 3 MiB: 7.2 / 4.3 against 5.3 / 3.0 ms;
+  // 4 ranks, 3 MiB: 15.6 / 6.1 against 13.1 / 4.8 ms;
+  // benchmarks/collectives.py, results in
+  // benchmarks/results/cpu/collectives_cpu.json). Two ranks: each slice is
+  // reduced onto its owner (two rooted reduces, the pairwise exchange a ring
+  // does for two: 1.75 / 1.2 ms and 3.4 / 2.7 ms). More ranks: the all-reduce,
+  // then this rank's slice. `flat` is zerocomm's own bucket ([Note: gradient
+  // ownership]), rewritten at every hand-over, so reducing in place is safe.
+  void reduce_scatter_gloo(at::Tensor& flat, at::Tensor& shard, bool average) {
+    const int64_t n = shard.numel();
+    auto mine = flat.narrow(0, static_cast<int64_t>(rank()) * n, n);
+    if (size() == 2) {
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      for (int r = 0; r < 2; ++r) {
+        std::vector<at::Tensor> v{flat.narrow(0, r * n, n)};
+        c10d::ReduceOptions opts;
+        opts.rootRank = r;
+        works.push_back(pg_->reduce(v, opts));
+      }
+      for (auto& w : works) wait(w, "reduce_scatter");
+    } else {
+      std::vector<at::Tensor> v{flat};
+      wait(pg_->allreduce(v), "reduce_scatter");
+    }
+    if (average)
+      at::div_out(shard, mine,
+                  size());  // the copy out and the mean in one pass
+    else
+      shard.copy_(mine);
+  }
   // The shard copy's buffer, one per dtype, kept across calls: a fresh
   // clone per bucket and step cost an mmap, page faults and zeroed pages.
   // Only the comm worker calls the collectives, so no lock.
@@ -175,9 +228,13 @@ class C10dCommunicator final : public Communicator {
     if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, like.options());
     return buf.narrow(0, 0, n);
   }
+  // Up to this many ranks, gloo's all-gather is W in-place broadcasts (its
+  // launches grow with W; measured up to 4 ranks).
+  static constexpr int kGlooBroadcastGatherMax = 4;
   c10::intrusive_ptr<c10d::Backend> pg_;
   std::chrono::milliseconds timeout_;
   std::map<at::ScalarType, at::Tensor> scratch_;
+  const bool gloo_;  // picks the reduce-scatter ([Note: gloo reduce-scatter])
 };
 
 class SimulatedCommunicator final : public Communicator {

@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--bucket-mb",
         type=float,
-        default=1.0,
-        help="zerocomm bucket cap in MiB (small enough that blocks get their own buckets)",
+        default=4.0,
+        help="zerocomm bucket cap in MiB (default: each TinyGPT block of the CPU size, 3 MiB, gets its own bucket)",
     )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument(
