@@ -214,9 +214,9 @@ class C10dCommunicator final : public Communicator {
       std::vector<at::Tensor> v{flat};
       wait(pg_->allreduce(v), "reduce_scatter");
     }
+    // The copy out and the mean in one pass.
     if (average)
-      at::div_out(shard, mine,
-                  size());  // the copy out and the mean in one pass
+      at::div_out(shard, mine, size());
     else
       shard.copy_(mine);
   }
@@ -234,7 +234,7 @@ class C10dCommunicator final : public Communicator {
   c10::intrusive_ptr<c10d::Backend> pg_;
   std::chrono::milliseconds timeout_;
   std::map<at::ScalarType, at::Tensor> scratch_;
-  const bool gloo_;  // picks the reduce-scatter ([Note: gloo reduce-scatter])
+  const bool gloo_;  // picks the reduce-scatter and the all-gather (the Notes)
 };
 
 class SimulatedCommunicator final : public Communicator {

@@ -110,10 +110,12 @@ class GradPath:
             return local
         for ui in range(len(self.units)):
             self._launch_ready(ui, flush=True)
+        # the presence vote travels while the last reductions finish
+        votes = [pres.start(flags) for pres, flags in zip(self._presence, local)]
         for u in self.units:  # first: a dead peer is reported as the failed reduction it is
             for b in range(len(u.plan.buckets)):
                 u.sched.wait_grad(b)
-        self.has_grad = [pres.agree(flags) for pres, flags in zip(self._presence, local)]
+        self.has_grad = [v.result() for v in votes]
         self._watch.check()
         return self.has_grad
 

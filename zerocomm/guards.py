@@ -68,6 +68,28 @@ class GradWatch:
         self.handed.clear()
 
 
+@dataclass
+class PresenceVote:
+    """One step's OR of the presence flags, in flight."""
+
+    local: list[bool]
+    flags: torch.Tensor | None
+    work: Any  # dist.Work, None with one rank
+
+    def result(self) -> list[bool]:
+        if self.work is None:
+            return self.local
+        try:
+            self.work.wait()
+        except Exception as e:
+            raise RuntimeError(
+                "zerocomm: exchanging which parameters have gradients (after every bucket's "
+                f"gradient reduction, before the step) failed: {e}"
+            ) from e
+        assert self.flags is not None
+        return self.flags.bool().tolist()
+
+
 class GradPresence:
     """OR over the ranks of "this parameter has a gradient", on a private
     gloo backend (host memory: no device sync on the CUDA path, and never the
@@ -82,20 +104,15 @@ class GradPresence:
             store = dist.PrefixStore(str(box[0]), dist.distributed_c10d._get_default_store())
             self.backend = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
 
-    def agree(self, local: list[bool]) -> list[bool]:
+    def start(self, local: list[bool]) -> PresenceVote:
+        """Issue the OR over the ranks (asynchronously: the caller waits for
+        its reductions meanwhile); `PresenceVote.result()` waits for it."""
         if self.backend is None or not local:
-            return local
+            return PresenceVote(local, None, None)
         flags = torch.tensor(local, dtype=torch.uint8)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        try:
-            self.backend.allreduce([flags], opts).wait()
-        except Exception as e:
-            raise RuntimeError(
-                "zerocomm: exchanging which parameters have gradients (after every bucket's "
-                f"gradient reduction, before the step) failed: {e}"
-            ) from e
-        return flags.bool().tolist()
+        return PresenceVote(local, flags, self.backend.allreduce([flags], opts))
 
     def close(self) -> None:
         self.backend = None
