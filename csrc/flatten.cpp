@@ -1,5 +1,10 @@
 #include "flatten.h"
 
+#include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 
@@ -8,35 +13,69 @@ namespace {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// [Note: CPU copy threading] One thread: the caller's. The copy runs on the
-// comm worker, beside the training step's compute and its intra-op pool (and
-// at hand-over, on that compute thread itself). An OpenMP team started from
-// the worker takes cores the forward is using; its threads then spin at the
-// team barrier while the thread they wait for is descheduled. With a busy
+// [Note: CPU copy threading] The comm worker copies on its own thread only
+// (every task the scheduler enqueues holds a SerialCopies). It runs beside the
+// training step's compute and its intra-op pool: an OpenMP team started from
+// the worker takes cores the forward is using, and its threads then spin at
+// the team barrier while the thread they wait for is descheduled. With a busy
 // thread on the other core, benchmarks/flatten.py measured the old two-thread
 // loop at 0.51 GB/s for 1000 x 4 KB (20 GB/s quiet) and 1.3 GB/s for 10 x 1 MB,
-// below torch.cat's serial kernel in the same run (4 and 21-23 GB/s). One
-// memcpy stream per tensor reaches most of a core's copy bandwidth, costs no
-// dispatch per tensor, and cannot be slowed down by a busy core it does not
-// use. Figures for this version: benchmarks/results/cpu/flatten_cpu.json.
+// below torch.cat's serial kernel in the same run (4 and 21-23 GB/s).
+// Elsewhere (flatten()/unflatten() called by users, the gradient hand-over on
+// the compute thread, between two of its ops) a copy of at least
+// kParallelBytes uses torch's intra-op pool as torch's own copy_ does, split
+// by bytes; a smaller one, which fits the caches and takes well under a
+// scheduler time slice, stays serial, where a descheduled team thread could
+// not stall it. Figures: benchmarks/results/cpu/flatten_cpu*.json.
+thread_local bool serial_copies = false;
+constexpr int64_t kParallelBytes = 8 << 20;
+constexpr int64_t kParallelGrain = 1 << 20;
+
+void copy_range(const std::vector<char*>& ptrs,
+                const std::vector<int64_t>& prefix, const FlatLayout& layout,
+                char* flat_base, int64_t elem, int64_t begin, int64_t end,
+                bool to_flat) {
+  size_t i = std::upper_bound(prefix.begin(), prefix.end(), begin) -
+             prefix.begin() - 1;
+  for (int64_t pos = begin; pos < end; ++i) {
+    const int64_t lo = pos - prefix[i];
+    const int64_t n = std::min(end, prefix[i + 1]) - pos;
+    if (n <= 0) continue;
+    char* packed = ptrs[i] + lo;
+    char* in_flat = flat_base + layout.offsets[i] * elem + lo;
+    // A tensor that already is a view of its slot (zero-copy parameters)
+    // needs no copy, and memcpy onto itself is undefined.
+    if (packed != in_flat) {
+      if (to_flat)
+        std::memcpy(in_flat, packed, n);
+      else
+        std::memcpy(packed, in_flat, n);
+    }
+    pos += n;
+  }
+}
+
 void fused_copy_cpu(const std::vector<at::Tensor>& tensors,
                     const FlatLayout& layout, const at::Tensor& flat,
                     bool to_flat) {
   const int64_t elem = flat.element_size();
+  // Bytes of all tensors packed back to back: the unit the loop splits.
+  std::vector<int64_t> prefix(layout.size() + 1, 0);
+  for (size_t i = 0; i < layout.size(); ++i)
+    prefix[i + 1] = prefix[i] + layout.numels[i] * elem;
+  const int64_t total = prefix.back();
+  if (total == 0) return;
   auto* flat_base = static_cast<char*>(flat.data_ptr());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const int64_t n = layout.numels[i] * elem;
-    if (n == 0) continue;
-    char* packed = static_cast<char*>(tensors[i].data_ptr());
-    char* in_flat = flat_base + layout.offsets[i] * elem;
-    // A tensor that already is a view of its slot (zero-copy parameters)
-    // needs no copy, and memcpy onto itself is undefined.
-    if (packed == in_flat) continue;
-    if (to_flat)
-      std::memcpy(in_flat, packed, n);
-    else
-      std::memcpy(packed, in_flat, n);
+  std::vector<char*> ptrs(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i)
+    ptrs[i] = static_cast<char*>(tensors[i].data_ptr());
+  if (serial_copies || total < kParallelBytes) {
+    copy_range(ptrs, prefix, layout, flat_base, elem, 0, total, to_flat);
+    return;
   }
+  at::parallel_for(0, total, kParallelGrain, [&](int64_t begin, int64_t end) {
+    copy_range(ptrs, prefix, layout, flat_base, elem, begin, end, to_flat);
+  });
 }
 
 void fused_copy(const std::vector<at::Tensor>& tensors,
@@ -159,6 +198,24 @@ void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& tensors,
                const FlatLayout& layout) {
   check_tensors(tensors, layout, flat, "unflatten");
   fused_copy(tensors, layout, flat, /*to_flat=*/false);
+}
+
+SerialCopies::SerialCopies() : previous_(serial_copies) {
+  serial_copies = true;
+#ifdef _OPENMP
+  // ATen ops the task runs besides the copies (a mean, a slice copy_) stay on
+  // this thread too: this thread's OpenMP setting only (at::set_num_threads
+  // would change every thread's), read after ATen's per-thread lazy init.
+  threads_ = at::get_num_threads();
+  omp_set_num_threads(1);
+#endif
+}
+
+SerialCopies::~SerialCopies() {
+#ifdef _OPENMP
+  omp_set_num_threads(threads_);
+#endif
+  serial_copies = previous_;
 }
 
 }  // namespace zerocomm

@@ -130,6 +130,8 @@ std::shared_ptr<Event> SyncScheduler::enqueue_traced(const std::string& label,
   if (tracing_) begin = stream_->record();
   // Whoever waits later learns which sync failed, not just gloo's words.
   stream_->enqueue([label, fn = std::move(fn)] {
+    // CPU: this runs on the comm worker, beside the compute's threads
+    SerialCopies serial;  // [Note: CPU copy threading]
     try {
       fn();
     } catch (const c10::OutOfMemoryError& e) {
