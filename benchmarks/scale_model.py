@@ -404,6 +404,11 @@ def fit_calibration(rows: list[dict], world: int, copy_Bps: float) -> dict:
     return cal
 
 
+# zerocomm's gloo all-gather is this many in-place broadcasts up to this many ranks
+# (kGlooBroadcastGatherMax, csrc/c10d_communicator.cpp)
+GLOO_BROADCAST_GATHER_MAX = 4
+
+
 def measure_sweep(world: int, rank: int, reps: int) -> list[dict]:
     """Back-to-back collectives per size, rotating over buffers worth >= 64 MB so that
     (as in a real sync, where the parameters are not cache-resident) data comes from memory."""
@@ -423,7 +428,15 @@ def measure_sweep(world: int, rank: int, reps: int) -> list[dict]:
 
         def gather() -> None:
             it["g"] = (it["g"] + 1) % k
-            dist.all_gather_into_tensor(outs[it["g"]], shards[it["g"]])
+            if world <= GLOO_BROADCAST_GATHER_MAX:
+                # what zerocomm issues on gloo ([Note: gloo all-gather]): each slice
+                # broadcast in place from its owner
+                h = n // world
+                works = [dist.broadcast(outs[it["g"]].narrow(0, r * h, h), src=r, async_op=True) for r in range(world)]
+                for w in works:
+                    w.wait()
+            else:
+                dist.all_gather_into_tensor(outs[it["g"]], shards[it["g"]])
 
         bcast()
         gather()
@@ -743,7 +756,11 @@ def main(argv: list[str] | None = None) -> None:
         cal.update(
             source=f"measured: gloo, {world} ranks, CPU; median over {len(rounds)} rounds of "
             "back-to-back collectives (rank-averaged)",
-            allgather_api="all_gather_into_tensor",
+            allgather_api=(
+                f"{world} in-place broadcasts (zerocomm's gloo all-gather)"
+                if world <= GLOO_BROADCAST_GATHER_MAX
+                else "all_gather_into_tensor"
+            ),
             points=rows,
         )
         print(

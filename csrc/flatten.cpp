@@ -1,6 +1,7 @@
 #include "flatten.h"
 
 #include <ATen/Parallel.h>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -14,68 +15,55 @@ namespace {
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // [Note: CPU copy threading] The comm worker copies on its own thread only
-// (every task the scheduler enqueues holds a SerialCopies). It runs beside the
-// training step's compute and its intra-op pool: an OpenMP team started from
-// the worker takes cores the forward is using, and its threads then spin at
-// the team barrier while the thread they wait for is descheduled. With a busy
-// thread on the other core, benchmarks/flatten.py measured the old two-thread
-// loop at 0.51 GB/s for 1000 x 4 KB (20 GB/s quiet) and 1.3 GB/s for 10 x 1 MB,
-// below torch.cat's serial kernel in the same run (4 and 21-23 GB/s).
-// Elsewhere (flatten()/unflatten() called by users, the gradient hand-over on
-// the compute thread, between two of its ops) a copy of at least
-// kParallelBytes uses torch's intra-op pool as torch's own copy_ does, split
-// by bytes; a smaller one, which fits the caches and takes well under a
-// scheduler time slice, stays serial, where a descheduled team thread could
-// not stall it. Figures: benchmarks/results/cpu/flatten_cpu*.json.
+// (every task the scheduler enqueues holds a SerialCopies). It runs beside
+// the training step's compute and its intra-op pool: an OpenMP team started
+// from the worker takes cores the forward is using, and its threads then spin
+// at the team barrier while the thread they wait for is descheduled. With a
+// busy thread on the other core, benchmarks/flatten.py measured the old
+// two-thread loop at 0.51 GB/s for 1000 x 4 KB (20 GB/s quiet) and 1.3 GB/s
+// for 10 x 1 MB, below torch.cat's serial kernel in the same run (4 and
+// 21-23 GB/s). On the worker every copy is one memcpy per tensor.
+// Elsewhere (flatten()/unflatten() called by users; the gradient hand-over
+// on the compute thread, between two of its ops) tensors of kTorchCopyBytes
+// and more on average are copied by torch's own copy_, one per tensor, as
+// torch.cat and split_with_sizes_copy do: it uses the intra-op pool where
+// that pays (10 x 1 MB quiet: 17-19 GB/s against 7.5 for one memcpy thread)
+// and its dispatch costs nothing at that size. Smaller ones stay one memcpy
+// per tensor on the calling thread, with no dispatch per tensor (1000 x 4 KB:
+// 3.5x torch.cat quiet, 2.7x beside a busy process). Figures:
+// benchmarks/results/cpu/flatten_cpu.json and flatten_cpu_contended.json.
 thread_local bool serial_copies = false;
-constexpr int64_t kParallelBytes = 8 << 20;
-constexpr int64_t kParallelGrain = 1 << 20;
-
-void copy_range(const std::vector<char*>& ptrs,
-                const std::vector<int64_t>& prefix, const FlatLayout& layout,
-                char* flat_base, int64_t elem, int64_t begin, int64_t end,
-                bool to_flat) {
-  size_t i = std::upper_bound(prefix.begin(), prefix.end(), begin) -
-             prefix.begin() - 1;
-  for (int64_t pos = begin; pos < end; ++i) {
-    const int64_t lo = pos - prefix[i];
-    const int64_t n = std::min(end, prefix[i + 1]) - pos;
-    if (n <= 0) continue;
-    char* packed = ptrs[i] + lo;
-    char* in_flat = flat_base + layout.offsets[i] * elem + lo;
-    // A tensor that already is a view of its slot (zero-copy parameters)
-    // needs no copy, and memcpy onto itself is undefined.
-    if (packed != in_flat) {
-      if (to_flat)
-        std::memcpy(in_flat, packed, n);
-      else
-        std::memcpy(packed, in_flat, n);
-    }
-    pos += n;
-  }
-}
+constexpr int64_t kTorchCopyBytes = 256 << 10;
 
 void fused_copy_cpu(const std::vector<at::Tensor>& tensors,
                     const FlatLayout& layout, const at::Tensor& flat,
                     bool to_flat) {
   const int64_t elem = flat.element_size();
-  // Bytes of all tensors packed back to back: the unit the loop splits.
-  std::vector<int64_t> prefix(layout.size() + 1, 0);
-  for (size_t i = 0; i < layout.size(); ++i)
-    prefix[i + 1] = prefix[i] + layout.numels[i] * elem;
-  const int64_t total = prefix.back();
+  int64_t total = 0;
+  for (size_t i = 0; i < layout.size(); ++i) total += layout.numels[i] * elem;
   if (total == 0) return;
+  const bool by_torch =
+      !serial_copies &&
+      total >= kTorchCopyBytes * static_cast<int64_t>(tensors.size());
   auto* flat_base = static_cast<char*>(flat.data_ptr());
-  std::vector<char*> ptrs(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i)
-    ptrs[i] = static_cast<char*>(tensors[i].data_ptr());
-  if (serial_copies || total < kParallelBytes) {
-    copy_range(ptrs, prefix, layout, flat_base, elem, 0, total, to_flat);
-    return;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t n = layout.numels[i] * elem;
+    if (n == 0) continue;
+    char* packed = static_cast<char*>(tensors[i].data_ptr());
+    char* in_flat = flat_base + layout.offsets[i] * elem;
+    // A tensor that already is a view of its slot (zero-copy parameters)
+    // needs no copy, and memcpy onto itself is undefined.
+    if (packed == in_flat) continue;
+    if (by_torch) {
+      auto slot = flat.narrow(0, layout.offsets[i], layout.numels[i]);
+      auto t = tensors[i].view({-1});
+      to_flat ? slot.copy_(t) : t.copy_(slot);
+    } else if (to_flat) {
+      std::memcpy(in_flat, packed, n);
+    } else {
+      std::memcpy(packed, in_flat, n);
+    }
   }
-  at::parallel_for(0, total, kParallelGrain, [&](int64_t begin, int64_t end) {
-    copy_range(ptrs, prefix, layout, flat_base, elem, begin, end, to_flat);
-  });
 }
 
 void fused_copy(const std::vector<at::Tensor>& tensors,

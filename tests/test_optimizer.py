@@ -204,9 +204,21 @@ def _core(rank: int, world: int) -> dict:
             model, opt = _make(name)
             zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=BUCKET_MB)
             assert type(zopt.optim) is cls
+            calls = [0]
+            inner_step = zopt.optim.step
+
+            def counted(*a: Any, _f: Any = inner_step, **k: Any) -> Any:
+                calls[0] += 1
+                return _f(*a, **k)
+
+            zopt.optim.step = counted  # type: ignore[method-assign]
             _train(model, zopt, range(STEPS), rank, world, sharded=True)
             zopt.synchronize()
             res: dict[str, Any] = {"params": _params(model), "state_numel": zopt.optimizer_state_numel()}
+            # [Note: pipelined step]: local optimizer.step() calls per step
+            res["step_calls"] = calls[0] / STEPS
+            res["launches"] = len(zopt.sync.sequence)
+            res["pipelined"] = zopt.pipeline_step
             plans = [u.plan for u in zopt.units]
             res["max_param"] = max(s.numel for p in plans for s in p.params)
             # elements in allgather buckets that are alignment padding, not parameters
@@ -438,6 +450,16 @@ def test_matches_unsharded_and_torch_zero(world: int) -> None:
                 assert all(torch.equal(got[n], first[n]) for n in got), f"{name} {mode}: ranks differ"
                 if _OPTIMIZERS[name][1]["frozen"]:
                     assert torch.equal(got["wpe.weight"], ref["init"]["wpe.weight"])
+                core = rr["core"][name, mode]
+                if core["pipelined"]:
+                    # groups of 1, 2, 4, ... buckets: ceil(log2(buckets + 1)) calls, not one per bucket
+                    n = core["launches"]
+                    assert n >= 4, f"{name} {mode}: too few buckets to see the step groups"
+                    groups = math.ceil(math.log2(n + 1))
+                    if mode == "allgather":  # every rank steps a slice of every bucket
+                        assert core["step_calls"] == groups, (name, mode, n, core["step_calls"])
+                    else:  # a group whose buckets another rank owns is not stepped here
+                        assert 1 <= core["step_calls"] <= groups, (name, mode, n, core["step_calls"])
 
 
 @pytest.mark.parametrize("world", CORE_WORLDS)

@@ -42,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4.0,
         help="zerocomm bucket cap in MiB (default: each TinyGPT block of the CPU size, 3 MiB, gets its own bucket)",
     )
+    ap.add_argument(
+        "--sim-bucket-mb",
+        type=float,
+        default=1.0,
+        help="zerocomm bucket cap of the simulated variants (broadcast buckets do not follow block "
+        "boundaries: finer ones keep each block's wait to little more than its own parameters)",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument(
         "--transport",

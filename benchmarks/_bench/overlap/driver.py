@@ -112,6 +112,7 @@ def _run_simulated(
     from zerocomm.transport import SimulatedTransport
 
     args = ctx.args
+    real_bucket_mb, args.bucket_mb = args.bucket_mb, args.sim_bucket_mb  # every simulated run plans with it
     ctx.group, ctx.group_size = sim_group, len(sim_ranks)
     barrier = lambda: dist.barrier(group=sim_group)  # noqa: E731
     barrier()
@@ -166,6 +167,7 @@ def _run_simulated(
         timings[v] = time.perf_counter() - t0
         _log_sim(log, v, results[v], timings[v])
     ctx.group, ctx.group_size = None, ctx.world
+    args.bucket_mb = real_bucket_mb
     return sim_cfg
 
 
