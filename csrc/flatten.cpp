@@ -27,11 +27,12 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // on the compute thread, between two of its ops) tensors of kTorchCopyBytes
 // and more on average are copied by torch's own copy_, one per tensor, as
 // torch.cat and split_with_sizes_copy do: it uses the intra-op pool where
-// that pays (10 x 1 MB quiet: 17-19 GB/s against 7.5 for one memcpy thread)
-// and its dispatch costs nothing at that size. Smaller ones stay one memcpy
-// per tensor on the calling thread, with no dispatch per tensor (1000 x 4 KB:
-// 3.5x torch.cat quiet, 2.7x beside a busy process). Figures:
-// benchmarks/results/cpu/flatten_cpu.json and flatten_cpu_contended.json.
+// that pays and its dispatch costs nothing at that size (10 x 1 MB: 12.6
+// GB/s quiet, torch.cat 16.8, one memcpy thread 7.5; beside a busy process
+// 8.0, torch.cat 7.8). Smaller ones stay one memcpy per tensor on the calling
+// thread, with no dispatch per tensor (1000 x 4 KB: 4.6x torch.cat quiet,
+// 4.8x beside a busy process). Figures: benchmarks/results/cpu/flatten_cpu.json
+// and flatten_cpu_contended.json.
 thread_local bool serial_copies = false;
 constexpr int64_t kTorchCopyBytes = 256 << 10;
 
