@@ -175,111 +175,123 @@ class C10dCommunicator final : public Communicator {
     } catch (const c10::Error&) {
       // No future: the work runs inside Work::wait itself (gloo's
       // reduce_scatter_single does; zerocomm no longer calls it on gloo:
-      // [Note: gloo reduce-scatter] gloo's reduce_scatter_single costs more
-      // CPU than its own all-reduce of the whole buffer (2 ranks, 3 MiB: 5.7 ms
-      // wall and 3.9 ms CPU, against 5.2 / 3.3; benchmarks/collectives.py,
-      // benchmarks/results/cpu/collectives_cpu.json). Two ranks: each slice is
-      // reduced onto its owner, the pairwise exchange a ring does for two (1
-      // MiB: 2.3 ms wall against 3.0; 3 MiB: 5.6 / 3.6). More ranks: the
-      // all-reduce, then this rank's slice (4 ranks, 3 MiB: 10.6 / 4.8
-      // against 10.8 / 4.8; the rooted reduces take 14.8 there). `flat` is
-      // zerocomm's own bucket
-      // ([Note: gradient ownership]), rewritten at every hand-over, so reducing
-      // in place is safe.
-      void reduce_scatter_gloo(at::Tensor & flat, at::Tensor & shard,
-                               bool average) {
-        const int64_t n = shard.numel();
-        auto mine = flat.narrow(0, static_cast<int64_t>(rank()) * n, n);
-        if (size() == 2) {
-          std::vector<c10::intrusive_ptr<c10d::Work>> works;
-          for (int r = 0; r < 2; ++r) {
-            std::vector<at::Tensor> v{flat.narrow(0, r * n, n)};
-            c10d::ReduceOptions opts;
-            opts.rootRank = r;
-            works.push_back(pg_->reduce(v, opts));
-          }
-          for (auto& w : works) wait(w, "reduce_scatter");
-        } else {
-          std::vector<at::Tensor> v{flat};
-          wait(pg_->allreduce(v), "reduce_scatter");
-        }
-        // The copy out and the mean in one pass.
-        if (average)
-          at::div_out(shard, mine, size());
-        else
-          shard.copy_(mine);
-      }
-      // The shard copy's buffer, one per dtype, kept across calls: a fresh
-      // clone per bucket and step cost an mmap, page faults and zeroed pages.
-      // Only the comm worker calls the collectives, so no lock.
-      at::Tensor scratch(const at::Tensor& like, int64_t n) {
-        auto& buf = scratch_[like.scalar_type()];
-        if (!buf.defined() || buf.numel() < n)
-          buf = at::empty({n}, like.options());
-        return buf.narrow(0, 0, n);
-      }
-      // Up to this many ranks, gloo's all-gather is W in-place broadcasts (its
-      // launches grow with W; measured up to 4 ranks).
-      static constexpr int kGlooBroadcastGatherMax = 4;
-      c10::intrusive_ptr<c10d::Backend> pg_;
-      std::chrono::milliseconds timeout_;
-      std::map<at::ScalarType, at::Tensor> scratch_;
-      const bool
-          gloo_;  // picks the reduce-scatter and the all-gather (the Notes)
-    };
-
-    class SimulatedCommunicator final : public Communicator {
-     public:
-      SimulatedCommunicator(double latency_us, double bandwidth_gbps, int world)
-          : latency_s_(latency_us * 1e-6),
-            bytes_per_s_(bandwidth_gbps * 1e9),
-            world_(world) {
-        TORCH_CHECK_VALUE(latency_us >= 0 && bandwidth_gbps > 0 && world >= 1,
-                          "simulated transport needs latency_us >= 0, "
-                          "bandwidth_gbps > 0 and modelled world >= 1");
-      }
-      int rank() const override { return 0; }
-      int size() const override { return 1; }
-      std::string name() const override { return "simulated"; }
-
-      // A world-size-1 group moves no bytes between ranks; the time a ring of
-      // world_ ranks would take is what the stream is occupied for.
-      void broadcast(at::Tensor& t, int) override { occupy(t, 1.0); }
-      void all_gather(at::Tensor& flat) override { occupy(flat, ring()); }
-      void reduce(at::Tensor& t, int, bool) override { occupy(t, 1.0); }
-      void reduce_scatter(at::Tensor& flat, at::Tensor& shard, bool) override {
-        throw_if_aborted("reduce_scatter");
-        if (!shard.is_same(flat)) shard.copy_(flat.narrow(0, 0, shard.numel()));
-        occupy(flat, ring());
-      }
-      void all_reduce(at::Tensor& t, bool) override { occupy(t, 2.0 * ring()); }
-
-     private:
-      double ring() const { return double(world_ - 1) / world_; }
-      void occupy(const at::Tensor& t, double factor) {
-        hold(latency_s_ + factor * t.numel() * t.element_size() / bytes_per_s_,
-             t.is_cuda());
-      }
-      double latency_s_, bytes_per_s_;
-      int world_;
-    };
-
-  }  // namespace
-
-  std::shared_ptr<Communicator> make_c10d_communicator(
-      const c10::intrusive_ptr<c10d::Backend>& pg, int64_t timeout_ms) {
-    TORCH_CHECK_VALUE(pg, "process group is None");
-    return std::make_shared<C10dCommunicator>(pg, timeout_ms);
+      // [Note: gloo reduce-scatter]), so that wait cannot be interrupted;
+      // it is bounded by the timeout.
+      const bool ok = work->wait(timeout_);
+      TORCH_CHECK(ok, "zerocomm: ", op, " on the ", name(),
+                  " group timed out after ", timeout_.count(), " ms");
+      return;
+    }
+    while (!flag_->wait_until(deadline, [&] { return done->load(); })) {
+      throw_if_aborted(op);
+      TORCH_CHECK(std::chrono::steady_clock::now() < deadline, "zerocomm: ", op,
+                  " on the ", name(), " group timed out after ",
+                  timeout_.count(), " ms");
+    }
+    work->wait();  // complete: rethrows the backend's error, if any
   }
-
-  std::shared_ptr<Communicator> make_simulated_communicator(
-      double latency_us, double bandwidth_gbps, int modelled_world) {
-    return std::make_shared<SimulatedCommunicator>(latency_us, bandwidth_gbps,
-                                                   modelled_world);
+  // [Note: gloo reduce-scatter] gloo's reduce_scatter_single costs more
+  // CPU than its own all-reduce of the whole buffer (2 ranks, 3 MiB: 5.7 ms
+  // wall and 3.9 ms CPU, against 5.2 / 3.3; benchmarks/collectives.py,
+  // benchmarks/results/cpu/collectives_cpu.json). Two ranks: each slice is
+  // reduced onto its owner, the pairwise exchange a ring does for two (1 MiB:
+  // 2.3 ms wall against 3.0; 3 MiB: 5.6 / 3.6). More ranks: the all-reduce,
+  // then this rank's slice (4 ranks, 3 MiB: 10.6 / 4.8 against 10.8 / 4.8;
+  // the rooted reduces take 14.8 there). `flat` is zerocomm's own bucket
+  // ([Note: gradient ownership]), rewritten at every hand-over, so reducing
+  // in place is safe.
+  void reduce_scatter_gloo(at::Tensor& flat, at::Tensor& shard, bool average) {
+    const int64_t n = shard.numel();
+    auto mine = flat.narrow(0, static_cast<int64_t>(rank()) * n, n);
+    if (size() == 2) {
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      for (int r = 0; r < 2; ++r) {
+        std::vector<at::Tensor> v{flat.narrow(0, r * n, n)};
+        c10d::ReduceOptions opts;
+        opts.rootRank = r;
+        works.push_back(pg_->reduce(v, opts));
+      }
+      for (auto& w : works) wait(w, "reduce_scatter");
+    } else {
+      std::vector<at::Tensor> v{flat};
+      wait(pg_->allreduce(v), "reduce_scatter");
+    }
+    // The copy out and the mean in one pass.
+    if (average)
+      at::div_out(shard, mine, size());
+    else
+      shard.copy_(mine);
   }
+  // The shard copy's buffer, one per dtype, kept across calls: a fresh
+  // clone per bucket and step cost an mmap, page faults and zeroed pages.
+  // Only the comm worker calls the collectives, so no lock.
+  at::Tensor scratch(const at::Tensor& like, int64_t n) {
+    auto& buf = scratch_[like.scalar_type()];
+    if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, like.options());
+    return buf.narrow(0, 0, n);
+  }
+  // Up to this many ranks, gloo's all-gather is W in-place broadcasts (its
+  // launches grow with W; measured up to 4 ranks).
+  static constexpr int kGlooBroadcastGatherMax = 4;
+  c10::intrusive_ptr<c10d::Backend> pg_;
+  std::chrono::milliseconds timeout_;
+  std::map<at::ScalarType, at::Tensor> scratch_;
+  const bool gloo_;  // picks the reduce-scatter and the all-gather (the Notes)
+};
+
+class SimulatedCommunicator final : public Communicator {
+ public:
+  SimulatedCommunicator(double latency_us, double bandwidth_gbps, int world)
+      : latency_s_(latency_us * 1e-6),
+        bytes_per_s_(bandwidth_gbps * 1e9),
+        world_(world) {
+    TORCH_CHECK_VALUE(latency_us >= 0 && bandwidth_gbps > 0 && world >= 1,
+                      "simulated transport needs latency_us >= 0, "
+                      "bandwidth_gbps > 0 and modelled world >= 1");
+  }
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string name() const override { return "simulated"; }
+
+  // A world-size-1 group moves no bytes between ranks; the time a ring of
+  // world_ ranks would take is what the stream is occupied for.
+  void broadcast(at::Tensor& t, int) override { occupy(t, 1.0); }
+  void all_gather(at::Tensor& flat) override { occupy(flat, ring()); }
+  void reduce(at::Tensor& t, int, bool) override { occupy(t, 1.0); }
+  void reduce_scatter(at::Tensor& flat, at::Tensor& shard, bool) override {
+    throw_if_aborted("reduce_scatter");
+    if (!shard.is_same(flat)) shard.copy_(flat.narrow(0, 0, shard.numel()));
+    occupy(flat, ring());
+  }
+  void all_reduce(at::Tensor& t, bool) override { occupy(t, 2.0 * ring()); }
+
+ private:
+  double ring() const { return double(world_ - 1) / world_; }
+  void occupy(const at::Tensor& t, double factor) {
+    hold(latency_s_ + factor * t.numel() * t.element_size() / bytes_per_s_,
+         t.is_cuda());
+  }
+  double latency_s_, bytes_per_s_;
+  int world_;
+};
+
+}  // namespace
+
+std::shared_ptr<Communicator> make_c10d_communicator(
+    const c10::intrusive_ptr<c10d::Backend>& pg, int64_t timeout_ms) {
+  TORCH_CHECK_VALUE(pg, "process group is None");
+  return std::make_shared<C10dCommunicator>(pg, timeout_ms);
+}
+
+std::shared_ptr<Communicator> make_simulated_communicator(double latency_us,
+                                                          double bandwidth_gbps,
+                                                          int modelled_world) {
+  return std::make_shared<SimulatedCommunicator>(latency_us, bandwidth_gbps,
+                                                 modelled_world);
+}
 
 #ifndef ZEROCOMM_WITH_CUDA
-  int nccl_version() { return 0; }
+int nccl_version() { return 0; }
 #endif
 
 }  // namespace zerocomm
