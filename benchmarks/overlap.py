@@ -1,6 +1,6 @@
 """Step overlap: how much of the post-step parameter sync each ZeRO-1 scheme hides.
 
-    python benchmarks/overlap.py --device cpu --world-size 2        # ~1-3 min on 2 cores
+    python benchmarks/overlap.py --device cpu --world-size 2        # ~5 min on 2 cores (7 real variants)
     torchrun --nproc-per-node 1 benchmarks/overlap.py --device cuda # NCCL (world size 1 works)
     python benchmarks/overlap.py --device cpu --transport simulated --sim-bandwidth-gbps 2
 

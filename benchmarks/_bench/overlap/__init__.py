@@ -1,6 +1,6 @@
 """Step overlap: how much of the post-step parameter sync each ZeRO-1 scheme hides.
 
-    python benchmarks/overlap.py --device cpu --world-size 2        # ~1-3 min on 2 cores
+    python benchmarks/overlap.py --device cpu --world-size 2        # ~5 min on 2 cores (7 real variants)
     torchrun --nproc-per-node 1 benchmarks/overlap.py --device cuda # NCCL (world size 1 works)
     python benchmarks/overlap.py --device cpu --transport simulated --sim-bandwidth-gbps 2
 
@@ -28,6 +28,10 @@ real transport (gloo on CPU, NCCL on CUDA), `--transport real|all`:
                   the compute thread waited for them).
   ddp             (e) DistributedDataParallel + unsharded AdamW (no param sync at all;
                   grad all-reduce overlapped with backward). The reference for step time.
+  ds_zero1/2      DeepSpeed's ZeRO stage 1 / 2 engines on the same model, data and torch
+                  AdamW (fp32, no clipping; CPU: DS_ACCELERATOR=cpu, no C++ ops). Optional:
+                  skipped with a note when deepspeed is not installed
+                  (requirements-bench.txt). Their param sync sits inside step(): not timed.
 
 simulated transport (zerocomm.transport.SimulatedTransport: world size 1 per process,
 the comm worker is occupied for latency + bytes/bandwidth of a modelled ring),
@@ -42,13 +46,20 @@ the comm worker is occupied for latency + bytes/bandwidth of a modelled ring),
   Acceptance (printed, stored): zerocomm's exposed sync <= 10% of its total sync
   while the blocking baseline exposes all of it.
 
+The real variants run interleaved: --round-steps steps of each in turn, for
+--steps / --round-steps rounds, so a machine whose speed drifts during the run slows
+every variant alike. Round 0 is warm-up; in later rounds the first --warmup steps and
+the last step are not measured (the last one only closes the step before it).
+Between rounds each variant's in-flight work lands untimed (zerocomm: synchronize()).
+Simulated variants run alone, one round each, the first 4 steps unmeasured.
 Step time = time between consecutive step starts (forward + backward + step),
-median and IQR over the steps after warm-up; on CUDA measured with events on the
+median and IQR over the measured steps; on CUDA measured with events on the
 compute stream (no per-step device sync, which would serialise the comm stream).
 Each interval's forward contains the waits for the sync launched by the step
 before it, so the intervals are steady-state comparable across variants.
-Peak memory: CPU ru_maxrss per rank, reset per variant (/proc/self/clear_refs 5);
-CUDA torch.cuda.max_memory_allocated. Optimizer-state bytes: tensors (dim > 0) in the
+Peak memory: over each variant's round 0 (its optimizer state is created there);
+CPU ru_maxrss per rank, reset before it (/proc/self/clear_refs 5); CUDA
+torch.cuda.max_memory_allocated. Optimizer-state bytes: tensors (dim > 0) in the
 (local) optimizer's state on each rank.
 
 Outputs in --out (default benchmarks/out/): overlap_<device>.json, overlap_<device>.png
@@ -60,7 +71,9 @@ overlap_trace_<variant>_<device>.json (Chrome traces, rank 0).
 #   timers         step phase marks (perf_counter / CUDA events) and peak memory
 #   context        what every variant shares on a rank: model, data, optimizer, grad all-reduce
 #   seed_scheme    (b), the seed's async-broadcast scheme, re-implemented here only
-#   runners/       one module per family of variants: torch_baselines, seed, zerocomm_runs, simulated
+#   runners/       variant.py (what the loop needs), loop.py (interleaved rounds), one module
+#                  per family of variants: torch_baselines, seed, zerocomm_runs, simulated,
+#                  deepspeed_runs
 #   driver         what one rank runs: every variant, then the gather and the outputs on rank 0
 #   report         the JSON report and the printed table
 #   plots          the bar chart and the timeline
