@@ -1,70 +1,30 @@
 #include "flatten.h"
 
-#include <ATen/Parallel.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <algorithm>
-#include <cstring>
+
+#include "cpu_copy.h"
 
 namespace zerocomm {
 namespace {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// [Note: CPU copy threading] The comm worker copies on its own thread only
-// (every task the scheduler enqueues holds a SerialCopies). It runs beside
-// the training step's compute and its intra-op pool: an OpenMP team started
-// from the worker takes cores the forward is using, and its threads then spin
-// at the team barrier while the thread they wait for is descheduled. With a
-// busy thread on the other core, benchmarks/flatten.py measured the old
-// two-thread loop at 0.51 GB/s for 1000 x 4 KB (20 GB/s quiet) and 1.3 GB/s
-// for 10 x 1 MB, below torch.cat's serial kernel in the same run (4 and
-// 21-23 GB/s). On the worker every copy is one memcpy per tensor.
-// Elsewhere (flatten()/unflatten() called by users; the gradient hand-over
-// on the compute thread, between two of its ops) tensors of kTorchCopyBytes
-// and more on average are copied by torch's own copy_, one per tensor, as
-// torch.cat and split_with_sizes_copy do: it uses the intra-op pool where
-// that pays and its dispatch costs nothing at that size (10 x 1 MB: 12.6
-// GB/s quiet, torch.cat 16.8, one memcpy thread 7.5; beside a busy process
-// 8.0, torch.cat 7.8). Smaller ones stay one memcpy per tensor on the calling
-// thread, with no dispatch per tensor (1000 x 4 KB: 4.6x torch.cat quiet,
-// 4.8x beside a busy process). Figures: benchmarks/results/cpu/flatten_cpu.json
-// and flatten_cpu_contended.json.
-thread_local bool serial_copies = false;
-constexpr int64_t kTorchCopyBytes = 256 << 10;
-
 void fused_copy_cpu(const std::vector<at::Tensor>& tensors,
                     const FlatLayout& layout, const at::Tensor& flat,
                     bool to_flat) {
   const int64_t elem = flat.element_size();
-  int64_t total = 0;
-  for (size_t i = 0; i < layout.size(); ++i) total += layout.numels[i] * elem;
-  if (total == 0) return;
-  const bool by_torch =
-      !serial_copies &&
-      total >= kTorchCopyBytes * static_cast<int64_t>(tensors.size());
   auto* flat_base = static_cast<char*>(flat.data_ptr());
+  CopyPieces pieces;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const int64_t n = layout.numels[i] * elem;
-    if (n == 0) continue;
     char* packed = static_cast<char*>(tensors[i].data_ptr());
     char* in_flat = flat_base + layout.offsets[i] * elem;
     // A tensor that already is a view of its slot (zero-copy parameters)
     // needs no copy, and memcpy onto itself is undefined.
     if (packed == in_flat) continue;
-    if (by_torch) {
-      auto slot = flat.narrow(0, layout.offsets[i], layout.numels[i]);
-      auto t = tensors[i].view({-1});
-      to_flat ? slot.copy_(t) : t.copy_(slot);
-    } else if (to_flat) {
-      std::memcpy(in_flat, packed, n);
-    } else {
-      std::memcpy(packed, in_flat, n);
-    }
+    const int64_t n = layout.numels[i] * elem;
+    to_flat ? pieces.add(in_flat, packed, n) : pieces.add(packed, in_flat, n);
   }
+  pieces.run();  // [Note: CPU copy threading]
 }
 
 void fused_copy(const std::vector<at::Tensor>& tensors,
@@ -187,24 +147,6 @@ void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& tensors,
                const FlatLayout& layout) {
   check_tensors(tensors, layout, flat, "unflatten");
   fused_copy(tensors, layout, flat, /*to_flat=*/false);
-}
-
-SerialCopies::SerialCopies() : previous_(serial_copies) {
-  serial_copies = true;
-#ifdef _OPENMP
-  // ATen ops the task runs besides the copies (a mean, a slice copy_) stay on
-  // this thread too: this thread's OpenMP setting only (at::set_num_threads
-  // would change every thread's), read after ATen's per-thread lazy init.
-  threads_ = at::get_num_threads();
-  omp_set_num_threads(1);
-#endif
-}
-
-SerialCopies::~SerialCopies() {
-#ifdef _OPENMP
-  omp_set_num_threads(threads_);
-#endif
-  serial_copies = previous_;
 }
 
 }  // namespace zerocomm

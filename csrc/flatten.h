@@ -1,6 +1,6 @@
 // Fused flatten / unflatten: copy many tensors into (or out of) one flat
-// buffer with a single kernel launch (CUDA) or one loop of memcpy (CPU:
-// [Note: CPU copy threading] in flatten.cpp says on which threads).
+// buffer with a single kernel launch (CUDA) or one fused byte copy (CPU:
+// cpu_copy.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,21 +42,6 @@ at::Tensor flatten(const std::vector<at::Tensor>& tensors,
 // flat -> tensors (copies back into the given tensors).
 void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& tensors,
                const FlatLayout& layout);
-
-// While one exists on a thread, that thread's CPU copies, and the ATen ops
-// it runs, stay on it (the scheduler's comm-stream tasks hold one: [Note:
-// CPU copy threading]).
-class SerialCopies {
- public:
-  SerialCopies();
-  ~SerialCopies();
-  SerialCopies(const SerialCopies&) = delete;
-  SerialCopies& operator=(const SerialCopies&) = delete;
-
- private:
-  bool previous_;
-  int threads_ = 1;  // this thread's OpenMP threads before
-};
 
 #ifdef ZEROCOMM_WITH_CUDA
 // One launch for the whole table; defined in flatten_cuda.cu.

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "cpu_copy.h"
+
 namespace zerocomm {
 
 SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,

@@ -198,6 +198,48 @@ def test_roundtrip_crosses_cpu_parallel_chunks():
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [3_000_001, 5_123_457, 1, 777_777],  # few big pieces: one parallel team, streaming stores
+        [4096 + 13 * (i % 7) for i in range(2300)],  # many small ones over 8 MiB: streaming, one thread
+        [300_001, 0, 262_147, 5],  # just over the parallel threshold, under the streaming one
+    ],
+    ids=["big", "many_small", "mid"],
+)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_large_copies_misaligned(sizes, threads):
+    """The CPU copy's big-copy paths ([Note: CPU copy threading], [Note:
+    streaming stores] in csrc/cpu_copy.cpp): byte sizes that are no multiple
+    of 16 or 64 and targets at odd addresses, so every piece has a head and
+    tail around its aligned body; nothing outside the targets is written."""
+    gen = torch.Generator().manual_seed(len(sizes) * 31 + threads)
+    total = sum(sizes)
+    src_buf = rand_bytes_tensor((total + 3 * len(sizes) + 64,), torch.uint8, gen)
+    starts, cursor = [], 1
+    for n in sizes:
+        starts.append(cursor)
+        cursor += n + 3  # odd gaps: every view starts at an odd address
+    src = [src_buf[s : s + n] for s, n in zip(starts, sizes)]
+    dst_buf = torch.zeros_like(src_buf)
+    dst = [dst_buf[s : s + n] for s, n in zip(starts, sizes)]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        layout = FlatLayout(src, align_bytes=1)
+        flat = torch.empty(layout.total_numel + 5, dtype=torch.uint8)[5:]  # odd flat base too
+        zerocomm.flatten(src, out=flat, layout=layout)
+        assert bit_equal(flat, torch.cat(src))
+        zerocomm.unflatten(flat, dst, layout=layout)
+    finally:
+        torch.set_num_threads(old)
+    mask = torch.zeros(dst_buf.numel(), dtype=torch.bool)
+    for s, n, a, b in zip(starts, sizes, src, dst):
+        assert bit_equal(a, b)
+        mask[s : s + n] = True
+    assert int(dst_buf[~mask].count_nonzero()) == 0, "unflatten wrote outside its targets"
+
+
 # ------------------------------------------------------------------ CPU: layout
 
 

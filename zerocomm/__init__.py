@@ -19,16 +19,17 @@ def __getattr__(name: str) -> Any:
     if name in ("flatten", "unflatten", "FlatLayout"):
         from . import flat
 
-        return getattr(flat, name)
-    if name == "attach":
-        from .api import attach
-
-        return attach
-    if name == "SimulatedTransport":
-        from .transport import SimulatedTransport
-
-        return SimulatedTransport
-    raise AttributeError(f"module 'zerocomm' has no attribute {name!r}")
+        value = getattr(flat, name)
+    elif name == "attach":
+        from .api import attach as value
+    elif name == "SimulatedTransport":
+        from .transport import SimulatedTransport as value
+    else:
+        raise AttributeError(f"module 'zerocomm' has no attribute {name!r}")
+    # Bound once: later lookups are a plain module attribute, not an import
+    # (`zerocomm.unflatten(...)` in a hot loop paid ~3 us per call here).
+    globals()[name] = value
+    return value
 
 
 __all__ = ["attach", "build_info", "flatten", "unflatten", "FlatLayout", "SimulatedTransport", "__version__"]
