@@ -20,7 +20,9 @@ baseline  copy            one dst.copy_(src) of the same total bytes: the device
                           practical copy bandwidth, measured in the same run
 
 GB/s counts the payload once (sum of the tensors' bytes / time), not read+write.
-Each method is checked for a correct result once before it is timed.
+Each method is checked for a correct result once before it is timed. An op's
+methods are timed side by side in rounds (Timer): each round calls every
+method in turn, warm-up calls first, so load changes fall on all of them.
 
 --contended keeps a busy process (a 1-thread matmul loop) on each other core
 while it measures: in training the comm worker copies beside the forward's
@@ -76,47 +78,61 @@ def human_bytes(n: int) -> str:
 
 
 class Timer:
-    """Median / best over up to `iters` calls after `warmup`, bounded in time."""
+    """Times the methods of one grid point side by side, in rounds.
 
-    def __init__(self, device: str, iters: int, warmup: int, budget_s: float, min_iters: int = 5):
+    Each round calls every method in turn (the order rotates from round to
+    round): `warmup` unmeasured calls, then `per_round` measured ones. A
+    method's caches are warm when it is measured, and a change in the
+    machine's load (a contender's burst, another process) falls on all methods
+    alike instead of on whichever ran at that moment. Rounds go on until every
+    method has `iters` runs, or at least `min_iters` once `budget_s` per
+    method is spent."""
+
+    def __init__(self, device: str, iters: int, warmup: int, budget_s: float, min_iters: int = 5, per_round: int = 3):
         self.device = device
         self.iters = iters
         self.warmup = warmup
         self.budget_s = budget_s
         self.min_iters = min(min_iters, iters)
+        self.per_round = per_round
 
     def __call__(self, fn) -> list[float]:
-        for _ in range(self.warmup):
-            fn()
-        if self.device == "cuda":
-            return self._cuda(fn)
-        times: list[float] = []
+        return self.side_by_side({"fn": fn})["fn"]
+
+    def side_by_side(self, fns: dict) -> dict[str, list[float]]:
+        names = list(fns)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        budget = self.budget_s * len(names)
         start_all = time.perf_counter()
-        while len(times) < self.iters:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            if len(times) >= self.min_iters and time.perf_counter() - start_all > self.budget_s:
+        rnd = 0
+        while min(len(t) for t in times.values()) < self.iters:
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+                fn = fns[name]
+                for _ in range(self.warmup):
+                    fn()
+                for _ in range(min(self.per_round, self.iters - len(times[name]))):
+                    times[name].append(self._one(fn))
+            rnd += 1
+            done = min(len(t) for t in times.values()) >= self.min_iters
+            if done and time.perf_counter() - start_all > budget:
                 break
         return times
 
-    def _cuda(self, fn) -> list[float]:
-        times: list[float] = []
-        start_all = time.perf_counter()
-        while len(times) < self.iters:
-            # An idle GPU at the start event: the measured span then includes
-            # the host work of `fn` (table building, Python loops, launches).
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
+    def _one(self, fn) -> float:
+        if self.device != "cuda":
+            t0 = time.perf_counter()
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-            if len(times) >= self.min_iters and time.perf_counter() - start_all > self.budget_s:
-                break
-        return times
+            return time.perf_counter() - t0
+        # An idle GPU at the start event: the measured span then includes
+        # the host work of `fn` (table building, Python loops, launches).
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 def count_launches_cuda(fn) -> dict | None:
@@ -269,31 +285,34 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool, c
 
     rows = []
 
-    def record(op, method, fn, zero_copy=False):
-        times = timer(fn)
-        med, best = statistics.median(times), min(times)
-        exp, note = expected_launches(device, op, method, list(layout.numels))
-        row = {
-            "op": op,
-            "method": method,
-            "count": count,
-            "tensor_bytes": size,
-            "total_bytes": total,
-            "runs": len(times),
-            "median_s": med,
-            "best_s": best,
-            "gbps": total / med / 1e9,
-            "gbps_best": total / best / 1e9,
-            "launches_expected": exp,
-            "launches_expected_note": note,
-            "launches_measured": None,
-            # _flatten_dense_tensors returns a view of a single tensor: nothing is copied.
-            "zero_copy": zero_copy,
-        }
-        if device == "cuda" and profile:
-            row["launches_measured"] = count_launches_cuda(fn)
-        rows.append(row)
+    def record(op, methods: dict, zero_copy: dict) -> None:
+        for method, times in timer.side_by_side(methods).items():
+            med, best = statistics.median(times), min(times)
+            exp, note = expected_launches(device, op, method, list(layout.numels))
+            row = {
+                "op": op,
+                "method": method,
+                "count": count,
+                "tensor_bytes": size,
+                "total_bytes": total,
+                "runs": len(times),
+                "median_s": med,
+                "best_s": best,
+                "gbps": total / med / 1e9,
+                "gbps_best": total / best / 1e9,
+                "launches_expected": exp,
+                "launches_expected_note": note,
+                "launches_measured": None,
+                # _flatten_dense_tensors returns a view of a single tensor: nothing is copied.
+                "zero_copy": zero_copy.get(method, False),
+            }
+            if device == "cuda" and profile:
+                row["launches_measured"] = count_launches_cuda(methods[method])
+            rows.append(row)
 
+    # Every method is checked once, then all of an op's methods are timed side
+    # by side (each writes the same bytes, so `flat` stays the reference).
+    zero_copy = {}
     for method, fn in flatten.items():
         flat.zero_()
         res = fn()
@@ -301,9 +320,9 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool, c
             torch.cuda.synchronize()
         if not torch.equal(res[: reference.numel()], reference):
             raise AssertionError(f"flatten/{method} gave a wrong result for {count} x {human_bytes(size)}")
-        zero_copy = any(res.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts)
+        zero_copy[method] = any(res.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts)
         del res
-        record("flatten", method, fn, zero_copy)
+    record("flatten", flatten, zero_copy)
 
     flat.copy_(reference)
     for method, fn in unflatten.items():
@@ -314,7 +333,7 @@ def run_point(device: str, count: int, size: int, timer: Timer, profile: bool, c
             torch.cuda.synchronize()
         if not all(torch.equal(a, b) for a, b in zip(dst, ts)):
             raise AssertionError(f"unflatten/{method} gave a wrong result for {count} x {human_bytes(size)}")
-        record("unflatten", method, fn)
+    record("unflatten", unflatten, {})
 
     if total not in copy_cache:
         src = reference
@@ -518,7 +537,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="output folder")
     p.add_argument("--iters", type=int, default=30, help="timed runs per method (fewer when --budget-s runs out)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured calls per method before each round's 3 timed ones")
     p.add_argument(
         "--budget-s",
         type=float,
@@ -662,7 +681,8 @@ def main(argv=None) -> int:
             "ratio_to_copy": "gbps / gbps of one contiguous copy_ of the same total bytes, same run",
             "timing": (
                 "cuda: torch.cuda.Event around each call on an idle, synchronized GPU (host work "
-                "inside the call is included); cpu: time.perf_counter around each call"
+                "inside the call is included); cpu: time.perf_counter around each call. An op's methods "
+                "run side by side in rounds: per round and method, warmup unmeasured calls then 3 timed ones"
             ),
             "launches_expected": "known/estimated number of kernels or ops per call, not measured",
             "launches_measured": "cuda only: kernels/memcpy/memset counted by torch.profiler for one call",
