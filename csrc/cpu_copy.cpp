@@ -28,22 +28,29 @@ namespace {
 // Elsewhere (flatten()/unflatten() called by users; the gradient hand-over
 // on the compute thread, between two of its ops) a copy whose pieces average
 // kParallelPieceBytes or more is one at::parallel_for over the whole byte
-// range: one team for all pieces instead of one per tensor (torch's copy_
-// per tensor, as split_with_sizes_copy does, starts a team per tensor and
-// waits at each barrier). Pieces smaller on average stay on the calling
-// thread: for them a team costs more than it gives, and beside a busy
-// process it collapses as above. Figures: benchmarks/results/cpu/
-// flatten_cpu.json and flatten_cpu_contended.json.
+// range: one team for all pieces. torch's copy_ per tensor, which is what
+// split_with_sizes_copy does, starts and joins a team per tensor. Unflatten
+// against split_with_sizes_copy, beside a busy process (3 runs): 1 x 1 MB
+// 1.08-1.20x, 10 x 1 MB 1.26-1.83x, 100 x 1 MB 1.45-2.23x. Pieces smaller
+// on average stay on the calling thread, one memcpy each: for them a team
+// costs more than it gives, and beside a busy process it collapses as above
+// (100 x 64 KB in one team: 2.2-4.2 ms, on the calling thread 0.9-1.0 ms).
+// Figures: benchmarks/results/cpu/flatten_cpu*.json.
 constexpr int64_t kParallelPieceBytes = 256 << 10;
 constexpr int64_t kParallelGrainBytes = 256 << 10;
 
 // [Note: streaming stores] A copy of kStreamingBytes or more writes with
 // non-temporal stores (SSE2 movntdq; a plain memcpy elsewhere): its
-// destination is not in cache anyway, and ordinary stores first read every
-// destination line in (three memory transfers per line instead of two). On
-// this project's 2-core CPU VM (32 MiB L3) streaming lost below 4 MiB (the
-// destination was still cached from the last call) and won from 8 MiB on.
-// The stores are fenced before the copy returns, per thread.
+// destination would not stay in cache anyway, and ordinary stores first read
+// every destination line in (three memory transfers per line instead of
+// two). On this project's 2-core CPU VM (32 MiB L3; both store kinds side
+// by side in one prototype, 2026-11-26), in a loop that rewrites the same
+// destination, streaming lost up to 4 MiB (the destination was
+// still cached from the last call: 1 x 1 MB 57 against 44 us) and won from
+// 8 MiB on (16 x 1 MB 1.2 against 1.8 ms; 1 x 64 MB 5.6 against 8.5 ms).
+// Unflatten of 1 x 64 MB against split_with_sizes_copy: 1.69x quiet,
+// 1.57-1.80x beside a busy process. The stores are fenced per thread before
+// the copy returns.
 constexpr int64_t kStreamingBytes = 8 << 20;
 
 thread_local bool serial_copies = false;
