@@ -69,3 +69,26 @@ def test_matches_plain_adamw(kind: str, variant: str, tmp_path_factory: pytest.T
         for i in a["state"]:
             for k in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(a["state"][i][k], b["state"][i][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+def test_trainer_resume_matches_plain_adamw(variant: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A job stopped halfway and resumed with `trainer.train(resume_from_checkpoint=...)`
+    (model, optimizer state, scheduler, RNG and data position from the
+    checkpoint) ends where the same stop-and-resume with plain AdamW ends, and
+    where the uninterrupted zerocomm run ends."""
+    base = tmp_path_factory.getbasetemp()
+    want = _run("trainer_resumed", "plain", str(base / "resumed-plain"))
+    got = _run("trainer_resumed", variant, str(base / f"resumed-{variant}"))
+    straight = _run("trainer", variant, str(base / f"trainer-{variant}"))
+    assert len(got[0]["losses"]) == 4
+    for r in range(2):
+        assert got[r]["losses"] == pytest.approx(want[r]["losses"], abs=1e-5), f"rank {r} losses"
+        assert got[r]["losses"] == pytest.approx(straight[r]["losses"], abs=1e-5), f"rank {r} losses vs no stop"
+        for ref, what in ((want, "the resumed plain AdamW run"), (straight, "the run without a stop")):
+            ps, ws = got[r]["params"], ref[r]["params"]
+            assert ps.keys() == ws.keys()
+            worst = max((ps[n].float() - ws[n].float()).abs().max().item() for n in ps)
+            assert worst < 1e-5, f"resumed {variant} rank {r}: max |delta| {worst:.3g} against {what}"
+        for n in got[r]["params"]:
+            assert torch.equal(got[r]["params"][n], got[0]["params"][n]), f"ranks differ in {n}"

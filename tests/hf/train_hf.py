@@ -2,7 +2,9 @@
 Trainer or an Accelerate loop, with plain AdamW or through zerocomm. Writes
 each rank's final parameters (and losses) to OUT/rank{r}.pt.
 
-    torchrun --nproc-per-node 2 tests/hf/train_hf.py {trainer,accelerate} {plain,broadcast,allgather} OUT
+    torchrun --nproc-per-node 2 tests/hf/train_hf.py KIND VARIANT OUT
+
+KIND: trainer, trainer_resumed or accelerate; VARIANT: plain, broadcast or allgather.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def optimizers(model: torch.nn.Module, variant: str):
     return opt, get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=STEPS)
 
 
-def run_trainer(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
+def make_trainer(variant: str, out: str, save_steps: int, callbacks: list | None = None):
     from transformers import Trainer, TrainingArguments
 
     from zerocomm.integrations.transformers import ZeroTrainer
@@ -65,7 +67,7 @@ def run_trainer(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
         report_to=[],
         logging_steps=1,
         save_strategy="steps",
-        save_steps=STEPS,
+        save_steps=save_steps,
         seed=0,
         ddp_backend="gloo",
         dataloader_num_workers=0,
@@ -74,9 +76,45 @@ def run_trainer(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
     model = build_model()
     opt, sched = optimizers(model, variant)
     cls = Trainer if variant == "plain" else ZeroTrainer
-    trainer = cls(model=model, args=args, train_dataset=dataset(), optimizers=(opt, sched))
+    trainer = cls(model=model, args=args, train_dataset=dataset(), optimizers=(opt, sched), callbacks=callbacks)
+    return model, trainer
+
+
+def losses_of(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def run_trainer(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
+    model, trainer = make_trainer(variant, out, save_steps=STEPS)
     trainer.train()
-    return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return model, losses_of(trainer)
+
+
+def run_trainer_resumed(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
+    """Train half the steps and stop (as a preempted job does), then a fresh
+    process state (new model, optimizer, scheduler, Trainer) resumes from the
+    checkpoint and trains the rest."""
+    from transformers import TrainerCallback
+
+    from zerocomm.integrations.transformers import find_zero_optimizer
+
+    class StopHalfway(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == STEPS // 2:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    model, trainer = make_trainer(variant, out, save_steps=STEPS, callbacks=[StopHalfway()])
+    trainer.train()
+    first = losses_of(trainer)
+    zopt = find_zero_optimizer(trainer.optimizer)
+    if zopt is not None:  # the first run's model is done with: its hooks and comm worker go
+        zopt.close()
+    checkpoint = os.path.join(out, "trainer", f"checkpoint-{STEPS // 2}")
+    model, trainer = make_trainer(variant, out, save_steps=STEPS)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return model, first + losses_of(trainer)[len(first) :]
 
 
 def run_accelerate(variant: str) -> tuple[torch.nn.Module, list[float]]:
@@ -103,7 +141,8 @@ def run_accelerate(variant: str) -> tuple[torch.nn.Module, list[float]]:
 
 def main() -> None:
     kind, variant, out = sys.argv[1:4]
-    model, losses = run_trainer(variant, out) if kind == "trainer" else run_accelerate(variant)
+    runs = {"trainer": run_trainer, "trainer_resumed": run_trainer_resumed}
+    model, losses = runs[kind](variant, out) if kind in runs else run_accelerate(variant)
     rank = dist.get_rank()
     # state_dict() waits for zerocomm's parameter sync by itself
     params = {n: t.clone() for n, t in model.state_dict().items()}
