@@ -2,7 +2,8 @@
 zerocomm in both modes, against the same run with plain AdamW: gradient
 clipping (max_grad_norm / accelerator.clip_grad_norm_), gradient
 accumulation over DDP's no_sync, a warmup scheduler, and (Trainer) a
-checkpoint save, which consolidates the optimizer state on every rank."""
+checkpoint save, which consolidates the optimizer state on every rank, and a
+run stopped halfway and resumed from its checkpoint."""
 
 from __future__ import annotations
 
