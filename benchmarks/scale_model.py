@@ -404,14 +404,18 @@ def fit_calibration(rows: list[dict], world: int, copy_Bps: float) -> dict:
     return cal
 
 
-# zerocomm's gloo all-gather is this many in-place broadcasts up to this many ranks
-# (kGlooBroadcastGatherMax, csrc/c10d_communicator.cpp)
-GLOO_BROADCAST_GATHER_MAX = 4
+def gloo_gathers_by_broadcast(world: int) -> bool:
+    """Whether zerocomm's gloo all-gather is in-place broadcasts at this world size
+    ([Note: gloo all-gather]; the cap comes from the native core)."""
+    from zerocomm._ext import _C
+
+    return world <= _C.GLOO_BROADCAST_GATHER_MAX
 
 
 def measure_sweep(world: int, rank: int, reps: int) -> list[dict]:
     """Back-to-back collectives per size, rotating over buffers worth >= 64 MB so that
     (as in a real sync, where the parameters are not cache-resident) data comes from memory."""
+    by_broadcast = gloo_gathers_by_broadcast(world)
     rows = []
     for size in SIZES:
         n = size // 4
@@ -428,7 +432,7 @@ def measure_sweep(world: int, rank: int, reps: int) -> list[dict]:
 
         def gather() -> None:
             it["g"] = (it["g"] + 1) % k
-            if world <= GLOO_BROADCAST_GATHER_MAX:
+            if by_broadcast:
                 # what zerocomm issues on gloo ([Note: gloo all-gather]): each slice
                 # broadcast in place from its owner
                 h = n // world
@@ -758,7 +762,7 @@ def main(argv: list[str] | None = None) -> None:
             "back-to-back collectives (rank-averaged)",
             allgather_api=(
                 f"{world} in-place broadcasts (zerocomm's gloo all-gather)"
-                if world <= GLOO_BROADCAST_GATHER_MAX
+                if gloo_gathers_by_broadcast(world)
                 else "all_gather_into_tensor"
             ),
             points=rows,

@@ -79,6 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ALL_GATHER") = kAllGather;
   m.attr("REDUCE_SCATTER") = kReduceScatter;
   m.attr("ALL_REDUCE") = kAllReduce;
+  m.attr("GLOO_BROADCAST_GATHER_MAX") = kGlooBroadcastGatherMax;
 
   py::class_<FlatLayout>(m, "FlatLayout")
       .def(py::init([](const std::vector<at::Tensor>& tensors,

@@ -230,9 +230,6 @@ class C10dCommunicator final : public Communicator {
     if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, like.options());
     return buf.narrow(0, 0, n);
   }
-  // Up to this many ranks, gloo's all-gather is W in-place broadcasts (its
-  // launches grow with W; measured up to 4 ranks).
-  static constexpr int kGlooBroadcastGatherMax = 4;
   c10::intrusive_ptr<c10d::Backend> pg_;
   std::chrono::milliseconds timeout_;
   std::map<at::ScalarType, at::Tensor> scratch_;

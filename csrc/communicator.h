@@ -101,6 +101,10 @@ class Communicator {
 // every wait.
 std::shared_ptr<Communicator> make_c10d_communicator(
     const c10::intrusive_ptr<c10d::Backend>& pg, int64_t timeout_ms);
+// Up to this many ranks, its gloo all-gather is W in-place broadcasts
+// ([Note: gloo all-gather]; launches grow with W; measured up to 4 ranks).
+// Exported to Python: benchmarks/scale_model.py models the same collective.
+constexpr int kGlooBroadcastGatherMax = 4;
 
 // Does the data movement of a world-size-1 group, then occupies the stream
 // for the modelled time: latency + bytes_on_wire / bandwidth, where

@@ -6,6 +6,7 @@ import torch
 ALL_GATHER: int  # a param bucket's root: in-place all-gather of shards
 REDUCE_SCATTER: int  # a grad bucket's root: reduce-scatter into the shard
 ALL_REDUCE: int  # a grad bucket's root: all-reduce
+GLOO_BROADCAST_GATHER_MAX: int  # up to this many ranks the gloo all-gather is in-place broadcasts
 
 def build_info() -> dict[str, Any]: ...
 

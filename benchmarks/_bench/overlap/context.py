@@ -39,6 +39,9 @@ class Ctx:
         # variants may run on a subgroup (--sim-ranks one)
         self.group: dist.ProcessGroup | None = None
         self.group_size = world
+        # the bucket cap zerocomm plans with: --bucket-mb, or --sim-bucket-mb while the
+        # simulated variants run
+        self.bucket_mb: float = args.bucket_mb
         self.clock = Clock(self.cuda)
         self.mem = Memory(self.cuda)
         self._batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

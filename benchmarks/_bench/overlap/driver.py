@@ -112,8 +112,7 @@ def _run_simulated(
     from zerocomm.transport import SimulatedTransport
 
     args = ctx.args
-    real_bucket_mb, args.bucket_mb = args.bucket_mb, args.sim_bucket_mb  # every simulated run plans with it
-    ctx.group, ctx.group_size = sim_group, len(sim_ranks)
+    ctx.group, ctx.group_size, ctx.bucket_mb = sim_group, len(sim_ranks), args.sim_bucket_mb
     barrier = lambda: dist.barrier(group=sim_group)  # noqa: E731
     barrier()
     t0 = time.perf_counter()
@@ -166,8 +165,7 @@ def _run_simulated(
         results[v].update(layers=L, bare_forward_s=fwd_l, sim=c)
         timings[v] = time.perf_counter() - t0
         _log_sim(log, v, results[v], timings[v])
-    ctx.group, ctx.group_size = None, ctx.world
-    args.bucket_mb = real_bucket_mb
+    ctx.group, ctx.group_size, ctx.bucket_mb = None, ctx.world, args.bucket_mb
     return sim_cfg
 
 

@@ -67,7 +67,7 @@ def modelled_sync(ctx: Ctx, mode: str, bw_gbps: float, layers: int | None = None
 
     a = ctx.args
     model = ctx.make_model(layers)
-    plan = build_plan(model, mode=mode, world_size=1, bucket_mb=a.bucket_mb)
+    plan = build_plan(model, mode=mode, world_size=1, bucket_mb=ctx.bucket_mb)
     factor = 1.0 if mode == "broadcast" else (a.sim_world - 1) / a.sim_world
     nbytes = sum(b.nbytes for b in plan.buckets)
     lat = a.sim_latency_us * 1e-6

@@ -69,7 +69,7 @@ def make_zerocomm(
 
     model = ctx.make_model(layers)
     opt = ctx.adamw(model.parameters())
-    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=ctx.args.bucket_mb, transport=transport, group=ctx.group)
+    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=ctx.bucket_mb, transport=transport, group=ctx.group)
     sched = zopt.sync.units[0].sched
     a = ctx.args
     traced = {"armed": False, "on": False, "launches": 0}
