@@ -139,7 +139,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); });
   m.def("nccl_communicator", &make_nccl_communicator, py::arg("unique_id"),
         py::arg("rank"), py::arg("size"), py::arg("device"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>());
 #endif
 
   using S = SyncScheduler;

@@ -1,86 +1,12 @@
-// The Communicator base (abort flag, abortable holds) and the two CPU-side
-// communicators: any c10d backend (gloo) and the simulated transport.
+// The c10d communicator: any c10d backend (gloo) through torch's C++ API.
 #include <chrono>
 #include <map>
-#include <thread>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include "communicator.h"
+#include "torch_compat.h"
 
 namespace zerocomm {
-
-AbortFlag::~AbortFlag() {
-  // The pinned flag is deliberately never freed: a spin kernel may still
-  // poll it, and cudaFreeHost would synchronize the device, which hangs
-  // behind a stuck NCCL kernel. Setting it ends any spin still running.
-  if (host_flag_ != nullptr) *host_flag_ = 1;
-}
-
-bool AbortFlag::set() {
-  bool first;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    first = !set_.exchange(true);
-    if (host_flag_ != nullptr) *host_flag_ = 1;
-  }
-  cv_.notify_all();
-  return first;
-}
-
-bool AbortFlag::sleep_for(double seconds) {
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::nanoseconds>(
-                            std::chrono::duration<double>(seconds));
-  std::unique_lock<std::mutex> lock(mu_);
-  return !cv_.wait_until(lock, deadline, [this] { return is_set(); });
-}
-
-void AbortFlag::notify() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-  }  // no lost wake-up
-  cv_.notify_all();
-}
-
-#ifdef ZEROCOMM_WITH_CUDA
-volatile int* AbortFlag::device_flag() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (host_flag_ == nullptr) {
-    host_flag_ = alloc_spin_flag();
-    if (is_set()) *host_flag_ = 1;
-  }
-  return host_flag_;
-}
-#endif
-
-void Communicator::throw_if_aborted(const char* op) const {
-  TORCH_CHECK(!flag_->is_set(), "zerocomm: ", op, " on the ", name(),
-              " communicator after it was aborted (a sync failed or timed "
-              "out); close() this handle and attach again");
-}
-
-void Communicator::check_error() {
-  throw_if_aborted("check_error");
-  check_async_error();
-}
-
-void Communicator::abort() {
-  if (flag_->set()) abort_transport();
-}
-
-void Communicator::hold(double seconds, bool cuda) {
-  throw_if_aborted("a hold of the comm stream");
-  if (seconds <= 0) return;
-#ifdef ZEROCOMM_WITH_CUDA
-  if (cuda) {
-    spin_current_stream(seconds, flag_->device_flag());
-    return;
-  }
-#endif
-  TORCH_CHECK(!cuda, "zerocomm was built without CUDA");
-  TORCH_CHECK(flag_->sleep_for(seconds), "zerocomm: the ", name(),
-              " communicator was aborted while it held the comm stream");
-}
 
 namespace {
 
@@ -126,7 +52,7 @@ class C10dCommunicator final : public Communicator {
     // shard keeps the input from aliasing the output it is gathered into.
     auto shard = scratch(flat, n);
     shard.copy_(flat.narrow(0, rank() * n, n));
-    wait(pg_->all_gather_single(flat, shard), "all_gather");
+    wait(compat::all_gather_single(*pg_, flat, shard), "all_gather");
   }
   void reduce(at::Tensor& t, int root, bool average) override {
     throw_if_aborted("reduce");
@@ -143,7 +69,7 @@ class C10dCommunicator final : public Communicator {
       reduce_scatter_gloo(flat, shard, average);
       return;
     }
-    wait(pg_->reduce_scatter_single(shard, flat), "reduce_scatter");
+    wait(compat::reduce_scatter_single(*pg_, shard, flat), "reduce_scatter");
     if (average) shard.div_(size());
   }
   void all_reduce(at::Tensor& t, bool average) override {
@@ -236,42 +162,6 @@ class C10dCommunicator final : public Communicator {
   const bool gloo_;  // picks the reduce-scatter and the all-gather (the Notes)
 };
 
-class SimulatedCommunicator final : public Communicator {
- public:
-  SimulatedCommunicator(double latency_us, double bandwidth_gbps, int world)
-      : latency_s_(latency_us * 1e-6),
-        bytes_per_s_(bandwidth_gbps * 1e9),
-        world_(world) {
-    TORCH_CHECK_VALUE(latency_us >= 0 && bandwidth_gbps > 0 && world >= 1,
-                      "simulated transport needs latency_us >= 0, "
-                      "bandwidth_gbps > 0 and modelled world >= 1");
-  }
-  int rank() const override { return 0; }
-  int size() const override { return 1; }
-  std::string name() const override { return "simulated"; }
-
-  // A world-size-1 group moves no bytes between ranks; the time a ring of
-  // world_ ranks would take is what the stream is occupied for.
-  void broadcast(at::Tensor& t, int) override { occupy(t, 1.0); }
-  void all_gather(at::Tensor& flat) override { occupy(flat, ring()); }
-  void reduce(at::Tensor& t, int, bool) override { occupy(t, 1.0); }
-  void reduce_scatter(at::Tensor& flat, at::Tensor& shard, bool) override {
-    throw_if_aborted("reduce_scatter");
-    if (!shard.is_same(flat)) shard.copy_(flat.narrow(0, 0, shard.numel()));
-    occupy(flat, ring());
-  }
-  void all_reduce(at::Tensor& t, bool) override { occupy(t, 2.0 * ring()); }
-
- private:
-  double ring() const { return double(world_ - 1) / world_; }
-  void occupy(const at::Tensor& t, double factor) {
-    hold(latency_s_ + factor * t.numel() * t.element_size() / bytes_per_s_,
-         t.is_cuda());
-  }
-  double latency_s_, bytes_per_s_;
-  int world_;
-};
-
 }  // namespace
 
 std::shared_ptr<Communicator> make_c10d_communicator(
@@ -279,16 +169,5 @@ std::shared_ptr<Communicator> make_c10d_communicator(
   TORCH_CHECK_VALUE(pg, "process group is None");
   return std::make_shared<C10dCommunicator>(pg, timeout_ms);
 }
-
-std::shared_ptr<Communicator> make_simulated_communicator(double latency_us,
-                                                          double bandwidth_gbps,
-                                                          int modelled_world) {
-  return std::make_shared<SimulatedCommunicator>(latency_us, bandwidth_gbps,
-                                                 modelled_world);
-}
-
-#ifndef ZEROCOMM_WITH_CUDA
-int nccl_version() { return 0; }
-#endif
 
 }  // namespace zerocomm

@@ -115,9 +115,12 @@ std::shared_ptr<Communicator> make_simulated_communicator(double latency_us,
 
 #ifdef ZEROCOMM_WITH_CUDA
 std::string nccl_unique_id();
+// Non-blocking ([Note: NCCL non-blocking communicator]): init and every
+// call return at once; a call still in progress after `timeout_ms` aborts it.
 std::shared_ptr<Communicator> make_nccl_communicator(const std::string& id,
                                                      int rank, int size,
-                                                     int device);
+                                                     int device,
+                                                     int64_t timeout_ms);
 // Spins the current CUDA stream for `seconds` (simulated transport, debug
 // delays), or until `*abort` becomes non-zero.
 void spin_current_stream(double seconds, volatile int* abort);

@@ -88,6 +88,13 @@ class CudaStream final : public Stream {
   }
   bool is_cuda() const override { return true; }
   void set_timing(bool on) override { timing_ = on; }
+  bool capturing() const override {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(
+        c10::cuda::getCurrentCUDAStream(stream_.device_index()).stream(),
+        &status));
+    return status != cudaStreamCaptureStatusNone;
+  }
 
  private:
   // zerocomm's own stream, not one of torch's pool: pool streams are handed

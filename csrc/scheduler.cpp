@@ -21,7 +21,7 @@ SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
     auto comm = comm_;
     stream_->enqueue([comm] { comm->warm_up(); });
     auto done = stream_->record();
-    watchdog_->track(done, "the communicator's warm-up");
+    watchdog_->track(nullptr, done, "the communicator's warm-up");
     try {
       done->synchronize(timeout_, "the communicator's warm-up");
     } catch (...) {
@@ -35,15 +35,46 @@ SyncScheduler::~SyncScheduler() {
   // The watchdog first: from here on only this thread touches the comm.
   watchdog_.reset();
   // Outstanding collectives finish (or time out) before buffers go away.
+  bool drained = !last_;
   try {
-    if (last_ && !aborted_ && !comm_->aborted())
+    if (last_ && !aborted_ && !comm_->aborted()) {
       last_->synchronize(timeout_, "close");
+      drained = true;
+    }
   } catch (...) {
     comm_->abort();
+  }
+  // [Note: teardown after abort] Not drained (aborted, or the wait above
+  // failed): the comm stream may still run queued work that touches the
+  // buckets -- after an abort the collectives end at once, but the copy
+  // kernels queued behind them still run. The buffers must outlive it, so
+  // each is handed to the stream: CUDA: record_stream, the caching allocator
+  // reuses the memory only after the comm stream has passed this point; CPU:
+  // the queued tasks hold the buckets, and the stream drains before it goes.
+  if (!drained) {
+    auto keep = [this](const std::vector<std::shared_ptr<Bucket>>& buckets) {
+      for (const auto& b : buckets) {
+        for (const auto* t : {&b->flat, &b->shard})
+          if (t->defined()) stream_->keep_alive(*t);
+        for (const auto& t : b->copy_in) stream_->keep_alive(t);
+        for (const auto& t : b->copy_out) stream_->keep_alive(t);
+      }
+    };
+    keep(params_);
+    keep(grads_);
   }
 }
 
 void SyncScheduler::check_usable() {
+  // [Note: no CUDA graph capture] The hooks' waits use events recorded
+  // outside the capture, and the fused copy's device tables are host data of
+  // the launch that made them: a replay would neither wait for the sync nor
+  // copy the right tensors. Refused instead of quietly wrong.
+  TORCH_CHECK(!stream_->capturing(),
+              "zerocomm: its parameter sync and gradient reduction cannot be "
+              "captured in a CUDA graph (the current stream is capturing). "
+              "Capture only code without zerocomm's hooks, or run the step "
+              "and the forward/backward it wraps eagerly");
   if (watchdog_->failed()) {
     aborted_ = true;
     watchdog_->rethrow_if_failed();
@@ -128,8 +159,9 @@ int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
 
 std::shared_ptr<Event> SyncScheduler::enqueue_traced(const std::string& label,
                                                      std::function<void()> fn) {
-  std::shared_ptr<Event> begin;
-  if (tracing_) begin = stream_->record();
+  // Recorded always: the watchdog times the work from when `begin` completes
+  // ([Note: watchdog timing]), not from now.
+  auto begin = stream_->record();
   // Whoever waits later learns which sync failed, not just gloo's words.
   stream_->enqueue([label, fn = std::move(fn)] {
     // CPU: this runs on the comm worker, beside the compute's threads
@@ -151,7 +183,7 @@ std::shared_ptr<Event> SyncScheduler::enqueue_traced(const std::string& label,
     }
   });
   auto end = stream_->record();
-  watchdog_->track(end, "sync of bucket " + label);
+  watchdog_->track(begin, end, "sync of bucket " + label);
   if (tracing_) spans_.push_back({"comm", label, begin, end});
   last_ = end;
   return end;

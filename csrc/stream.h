@@ -62,6 +62,9 @@ class Stream {
   // Whether events recorded from now on can be timed (elapsed_since). CUDA
   // events without timing are cheaper; tracing turns it on.
   virtual void set_timing(bool) {}
+  // Whether the caller's compute stream is being captured into a CUDA graph
+  // (CPU: never).
+  virtual bool capturing() const { return false; }
 };
 
 // A CPU completion flag. Completed by the worker, possibly with an error.

@@ -28,12 +28,11 @@ Watchdog::~Watchdog() {
     thread_.join();
 }
 
-void Watchdog::track(std::shared_ptr<Event> event, std::string what) {
-  const auto now = std::chrono::steady_clock::now();
+void Watchdog::track(std::shared_ptr<Event> begin, std::shared_ptr<Event> end,
+                     std::string what) {
   std::lock_guard<std::mutex> lock(mu_);
   if (error_) return;  // already aborted: nothing more to time
-  if (pending_.empty()) front_since_ = now;
-  pending_.push_back({std::move(event), std::move(what), now});
+  pending_.push_back({std::move(begin), std::move(end), std::move(what)});
 }
 
 void Watchdog::rethrow_if_failed() {
@@ -53,21 +52,33 @@ void Watchdog::run() {
     if (stop_ || error_) continue;
     std::exception_ptr error;
     try {
-      // Query outside the lock: a CUDA query must not stall track().
+      // Query outside the lock: a CUDA query must not stall track(). Only
+      // this thread removes entries, and a deque keeps references to its
+      // elements valid across push_back, so `front` stays the front.
       while (!pending_.empty()) {
-        Entry front = pending_.front();
+        Entry& front = pending_.front();
+        const auto begin = front.begin;
+        const auto end = front.end;
+        const bool started = front.started;
         lock.unlock();
-        const bool done = front.event->query();  // rethrows a failed task
+        const bool done = end->query();  // rethrows a failed task
+        const bool begun = done || started || !begin || begin->query();
         lock.lock();
-        if (!done || pending_.empty()) break;
-        pending_.pop_front();
-        front_since_ = std::chrono::steady_clock::now();
+        const auto now = std::chrono::steady_clock::now();
+        if (done) {
+          pending_.pop_front();
+          continue;
+        }
+        if (begun && !front.started) {
+          front.started = true;
+          front.since = now;  // at most one poll after the work began
+        }
+        break;
       }
       const auto now = std::chrono::steady_clock::now();
-      if (!pending_.empty()) {
+      if (!pending_.empty() && pending_.front().started) {
         const Entry& front = pending_.front();
-        const auto since = std::max(front.enqueued, front_since_);
-        TORCH_CHECK(now - since <= timeout_, "zerocomm: timed out after ",
+        TORCH_CHECK(now - front.since <= timeout_, "zerocomm: timed out after ",
                     timeout_.count(), " ms waiting for ", front.what,
                     " (watchdog: a peer may have died or stalled; the "
                     "communicator was aborted -- close() this handle; raise "

@@ -27,11 +27,16 @@ class Watchdog {
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
 
-  // Watch `event`, just recorded on the comm stream after the work `what`.
-  // Events of one stream complete in order, so only the oldest is timed:
-  // from when it was enqueued or when the one before it completed,
-  // whichever is later.
-  void track(std::shared_ptr<Event> event, std::string what);
+  // Watch the work `what` on the comm stream: `begin` was recorded right
+  // before it (after any wait of the comm stream on the compute stream),
+  // `end` right after it. [Note: watchdog timing] Events of one stream
+  // complete in order, so only the oldest entry is timed, and only from when
+  // the watchdog first sees its `begin` complete, i.e. from when the work
+  // actually starts on the comm stream: a host that runs ahead of the GPU
+  // (the comm stream still waiting for the compute stream) is never timed.
+  // A null `begin` times from when the entry becomes the oldest.
+  void track(std::shared_ptr<Event> begin, std::shared_ptr<Event> end,
+             std::string what);
   // Rethrows the error that made the watchdog abort the communicator.
   void rethrow_if_failed();
   bool failed();
@@ -39,16 +44,16 @@ class Watchdog {
  private:
   void run();
   struct Entry {
-    std::shared_ptr<Event> event;
+    std::shared_ptr<Event> begin, end;
     std::string what;
-    std::chrono::steady_clock::time_point enqueued;
+    bool started = false;  // `begin` seen complete; timed from `since`
+    std::chrono::steady_clock::time_point since;
   };
   std::shared_ptr<Communicator> comm_;
   const Millis timeout_, poll_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Entry> pending_;
-  std::chrono::steady_clock::time_point front_since_;
   std::exception_ptr error_;
   bool stop_ = false;
   std::thread thread_;  // last: started once everything above exists

@@ -106,7 +106,7 @@ def open_transport(
         if not _C.build_info()["cuda"]:
             raise ValueError("zerocomm was built without CUDA: rebuild it with CUDA_HOME set")
         uid = cast(bytes, _broadcast_from_group_rank0(_C.nccl_unique_id() if rank == 0 else None, group))
-        comm = _C.nccl_communicator(uid, rank, size, cuda_index)
+        comm = _C.nccl_communicator(uid, rank, size, cuda_index, int(timeout_s * 1000))
     else:
         prefix = cast(str, _broadcast_from_group_rank0(f"zerocomm/{uuid.uuid4().hex}" if rank == 0 else None, group))
         store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
