@@ -1,8 +1,14 @@
 # Entry points. On a fresh machine:
 #   make demo   set up .venv (pinned requirements + zerocomm built), train the demo on 2 ranks
 #   make test   same setup, then the C++ unit tests (ctest) and the pytest suite
-#   make gpu-check  on a GPU machine: build + the GPU acceptance suite, results
-#               in benchmarks/results/gpu/ (benchmarks/gpu_suite.sh)
+#   make smoke  same setup, then only the smoke subset ($(SMOKE_TESTS))
+#   make smoke-oldest  a second venv (.venv-oldest) with the oldest supported
+#               torch ($(OLDEST_TORCH)), zerocomm installed into it with
+#               `pip install --no-build-isolation .` (a copy of the tree), then
+#               the smoke subset there; CI runs it
+#   make gpu-check  on a GPU machine: build + the GPU acceptance suite into
+#               $(GPU_OUT) (benchmarks/gpu_suite.sh: an archive + summary.json;
+#               unpack into benchmarks/results/gpu/ to commit, see the script)
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
@@ -20,7 +26,14 @@ export CUDA_HOME
 # keeps the generator it was made with.
 CMAKE_GENERATOR_ARG = $(if $(wildcard $(BUILD_DIR)/CMakeCache.txt),,$(if $(wildcard $(VENV)/bin/ninja),-G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja,))
 
-.PHONY: setup build demo ctest test lint gpu-check gpu-check-dry-run clean
+.PHONY: setup build demo ctest test smoke smoke-oldest lint gpu-check gpu-check-dry-run clean
+
+# The smoke subset: the build's torch check, flatten, a 2-rank attach + step
+# in both modes and a checkpoint round trip (tests/test_smoke.py docstring).
+SMOKE_TESTS := tests/test_build.py tests/test_smoke.py
+# The oldest torch of the supported range (pyproject.toml), for smoke-oldest.
+OLDEST_TORCH ?= 2.11.0
+OLDEST_VENV ?= .venv-oldest
 
 # The virtual environment with the pinned requirements (torch==2.14.1 comes
 # from the machine's local package cache) and zerocomm._C built against it.
@@ -50,14 +63,36 @@ ctest: setup
 test: ctest
 	$(PYTHON) -m pytest -q
 
-# One GPU, <= 10 minutes on an H100 including the build (in place, CUDA
-# required). Uses $(PYTHON) when it exists, else python3.
-gpu-check:
-	ZEROCOMM_PY=$(if $(wildcard $(PYTHON)),$(abspath $(PYTHON)),python3) benchmarks/gpu_suite.sh
+smoke: setup
+	$(PYTHON) -m pytest -q $(SMOKE_TESTS)
 
-# The suite's CPU check (structure, collection, CPU error paths): CI runs it.
+# Installed (not editable) from a copy of the tracked tree, so the build
+# neither rewrites zerocomm/_build_meta.py here (the .venv build's) nor puts
+# a build/ folder here; pytest runs from the copy's tests against the
+# installed package (the copy has no zerocomm/ folder to shadow it).
+smoke-oldest:
+	test -x $(OLDEST_VENV)/bin/python || python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/pip install -q torch==$(OLDEST_TORCH) pybind11 ninja setuptools wheel pytest numpy
+	rm -rf $(OLDEST_VENV)/src && mkdir -p $(OLDEST_VENV)/src
+	git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t $(OLDEST_VENV)/src
+	cd $(OLDEST_VENV)/src && CUDA_HOME=$(CUDA_HOME) ../bin/pip install -v --no-build-isolation . > ../build.log 2>&1 \
+	  || { tail -50 $(OLDEST_VENV)/build.log; exit 1; }
+	grep -E "zerocomm: building" $(OLDEST_VENV)/build.log
+	rm -rf $(OLDEST_VENV)/tests && cp -r tests $(OLDEST_VENV)/tests
+	cd $(OLDEST_VENV) && bin/python -c "import json, zerocomm; print(json.dumps(zerocomm.build_info()))"
+	cd $(OLDEST_VENV) && bin/python -m pytest -q -p no:cacheprovider --rootdir=. $(SMOKE_TESTS)
+
+# One GPU, one device call: <= 540 s worst case including the build (in
+# place, CUDA required). Uses $(PYTHON) when it exists, else python3.
+GPU_OUT ?= benchmarks/out/gpu
+gpu-check:
+	ZEROCOMM_PY=$(if $(wildcard $(PYTHON)),$(abspath $(PYTHON)),python3) benchmarks/gpu_suite.sh $(GPU_OUT)
+
+# The suite's CPU check (structure, time budget, collection, packing, CPU
+# error paths): CI runs it.
 gpu-check-dry-run: setup
-	ZEROCOMM_PY=$(abspath $(PYTHON)) benchmarks/gpu_suite.sh --dry-run
+	ZEROCOMM_PY=$(abspath $(PYTHON)) benchmarks/gpu_suite.sh --dry-run benchmarks/out/gpu-dry-run
 
 # Style and types: ruff (lint + format) on the Python tree, mypy on zerocomm/ (against
 # zerocomm/_C.pyi), clang-format on csrc/. The same checks run from

@@ -27,7 +27,10 @@ def nvidia_dir(name: str) -> Path:
     for base in nvidia.__path__:
         if (Path(base) / name).is_dir():
             return Path(base) / name
-    raise RuntimeError(f"torch's nvidia-{name} package is missing; reinstall torch==2.14.1")
+    raise RuntimeError(
+        f"torch's nvidia-{name} package is missing: reinstall the CUDA build of torch {torch.__version__} "
+        "(pip install --force-reinstall torch==<that version>)"
+    )
 
 
 use_cuda = torch.version.cuda is not None and nvcc_found() and os.environ.get("ZEROCOMM_FORCE_CPU", "0") != "1"
@@ -37,6 +40,14 @@ if os.environ.get("ZEROCOMM_REQUIRE_CUDA") == "1" and not use_cuda:
         f"(have {torch.__version__}) and nvcc under CUDA_HOME (={os.environ.get('CUDA_HOME')})"
     )
 torch_version = torch.__version__
+# The supported range (pyproject.toml); older torch lacks APIs csrc/ uses.
+_SUPPORTED = ((2, 11), (2, 16))  # [min, max)
+_have = tuple(int(x) for x in torch_version.split("+")[0].split(".")[:2])
+if not (_SUPPORTED[0] <= _have < _SUPPORTED[1]):
+    raise RuntimeError(
+        f"zerocomm supports torch >=2.11,<2.16 but this Python has torch {torch_version}: "
+        "install a supported torch first, then build with `pip install --no-build-isolation .`"
+    )
 # Record what we built against: zerocomm/__init__.py compares it with the
 # running torch and refuses to load a mismatched binary with a clear message.
 (ROOT / "zerocomm" / "_build_meta.py").write_text(

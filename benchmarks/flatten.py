@@ -552,6 +552,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small grid")
     p.add_argument("--no-profile", action="store_true", help="cuda: do not count launches with torch.profiler")
+    p.add_argument(
+        "--profile-headline",
+        action="store_true",
+        help="cuda: count launches at the headline point only (one profiler session per method, not per grid point)",
+    )
     p.add_argument("--contended", action="store_true", help="cpu: measure beside a busy process on every other core")
     args = p.parse_args(argv)
 
@@ -595,7 +600,8 @@ def main(argv=None) -> int:
     with Contenders(n_busy):
         for count, size in grid:
             t0 = time.perf_counter()
-            rows += run_point(device, count, size, timer, not args.no_profile, copies)
+            profile = not args.no_profile and (not args.profile_headline or (count, size) == HEADLINE)
+            rows += run_point(device, count, size, timer, profile, copies)
             print(
                 f"  {count:>6} x {human_bytes(size):>5} = {human_bytes(count * size):>6}  "
                 f"({time.perf_counter() - t0:.1f} s)",

@@ -24,8 +24,19 @@ def load() -> ModuleType:  # the module zerocomm/_C.pyi describes
             f"{torch.__version__} is running: rebuild zerocomm "
             "(`pip install --no-build-isolation -e .`) or install the torch it was built with"
         )
-    from . import _C
-
+    try:
+        from . import _C
+    except ImportError as e:  # e.g. an undefined symbol: a binary of another torch build
+        raise ImportError(
+            f"zerocomm._C (built against torch {_build_meta.TORCH_VERSION}) failed to load under torch "
+            f"{torch.__version__}: {e}. Rebuild zerocomm (`pip install --no-build-isolation .`)"
+        ) from e
+    if _C.build_info()["torch_version"] != _build_meta.TORCH_VERSION:
+        raise ImportError(
+            f"zerocomm._C was built against torch {_C.build_info()['torch_version']} but "
+            f"zerocomm/_build_meta.py says {_build_meta.TORCH_VERSION}: a stale build; rebuild zerocomm "
+            "(`pip install --no-build-isolation .`)"
+        )
     return _C
 
 

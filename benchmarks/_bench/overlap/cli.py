@@ -8,6 +8,10 @@ from . import __doc__ as _BENCHMARK_DOC
 
 REAL_VARIANTS = ["zero_torch", "seed_bcast", "zc_broadcast", "zc_allgather", "ddp", "ds_zero1", "ds_zero2"]
 SIM_VARIANTS = ["sim_blocking", "sim_zc_broadcast", "sim_zc_allgather"]
+# --quick: what the GPU suite needs to show (real NCCL in both modes; overlap
+# against the blocking baseline) on a model that builds in about a second.
+QUICK_VARIANTS = ["zc_broadcast", "zc_allgather", "sim_zc_allgather", "sim_blocking"]
+QUICK_SIZE = {"dim": 512, "layers": 6, "heads": 8, "seq": 256, "vocab": 4096, "steps": 12}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,8 +90,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to show how exposure scales with the number of blocks",
     )
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the GPU suite's size (benchmarks/gpu_suite.sh, < 40 s): variants " + ",".join(QUICK_VARIANTS)
+        + " (NCCL both modes; zerocomm against the blocking baseline on a simulated wire ~= forward), "
+        "no extra-layers run, on CUDA a smaller model (flags given explicitly still win), 12 steps",
+    )
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
+    if args.quick:
+        for name, value in QUICK_SIZE.items():
+            if getattr(args, name) is None and (cuda or name == "steps"):
+                setattr(args, name, value)
+        args.variants = args.variants or ",".join(QUICK_VARIANTS)
+        args.sim_extra_layers = 0
     for name, cpu_v, cuda_v in (
         ("dim", 256, 1024),
         ("layers", 6, 12),
