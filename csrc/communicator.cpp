@@ -1,11 +1,11 @@
 // The Communicator base: the abort flag, abortable holds of the comm stream,
 // and the error checks every communicator shares. No c10d or NCCL here, so
 // the CPU-only C++ tests (csrc/tests) link it.
+#include "communicator.h"
+
 #include <c10/util/Exception.h>
 
 #include <chrono>
-
-#include "communicator.h"
 
 namespace zerocomm {
 

@@ -27,8 +27,9 @@ inline c10::intrusive_ptr<c10d::Work> all_gather_single(c10d::Backend& pg,
 }
 
 // c10d's single-tensor reduce-scatter (sum): the same rename.
-inline c10::intrusive_ptr<c10d::Work> reduce_scatter_single(
-    c10d::Backend& pg, at::Tensor& output, at::Tensor& input) {
+inline c10::intrusive_ptr<c10d::Work> reduce_scatter_single(c10d::Backend& pg,
+                                                            at::Tensor& output,
+                                                            at::Tensor& input) {
 #if ZEROCOMM_TORCH_AT_LEAST(2, 13)
   return pg.reduce_scatter_single(output, input);
 #else

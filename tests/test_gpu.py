@@ -247,3 +247,86 @@ def test_flatten_3gib_bf16() -> None:
     flat = zerocomm.flatten([small, big])
     cpu = zerocomm.flatten([small.cpu(), big.cpu()])
     assert torch.equal(flat.cpu().view(torch.int16), cpu.view(torch.int16))
+
+
+def test_flatten_over_2_31_elements() -> None:
+    """More than 2^31 elements in one tensor (uint8, 2 GiB + 4099 bytes, and
+    a small tensor before it): element offsets and counts need 64 bits."""
+    import zerocomm
+
+    n = (1 << 31) + 4099
+    big = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    small = torch.randint(0, 256, (777,), dtype=torch.uint8, device="cuda")
+    layout = zerocomm.FlatLayout([small, big], align_bytes=16)
+    assert layout.total_numel > 2**31
+    flat = zerocomm.flatten([small, big], layout=layout)
+    assert torch.equal(flat[layout.offsets[0] : layout.offsets[0] + 777], small)
+    assert torch.equal(flat[layout.offsets[1] : layout.offsets[1] + n], big)
+    back_small, back_big = torch.zeros_like(small), torch.zeros_like(big)
+    zerocomm.unflatten(flat, [back_small, back_big], layout=layout)
+    assert torch.equal(back_small, small) and torch.equal(back_big, big)
+    del big, flat, back_big
+    torch.cuda.empty_cache()
+
+
+DEBUG_DELAY_S = 0.5
+
+
+def test_debug_delay_on_cuda_overlaps_nccl_sync(nccl_world1: None) -> None:
+    """zerocomm's own NCCL communicator at world size 1 with the CUDA debug
+    delay (the spin kernel on the comm stream before each bucket): the
+    forward after the step waits on the GPU, not on the host, and reads the
+    synced parameters. Negative control: the compute stream is still busy
+    right after the forward was issued (it waits behind the delay)."""
+    import zerocomm
+
+    model = _model(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    zopt = zerocomm.attach(model, opt, mode="allgather", bucket_mb=0.01)
+    assert zopt.units[0].sched.transport == "nccl"
+    x = _batch(0, torch.float32)
+    model(x).square().mean().backward()
+    zopt.step()
+    zopt.zero_grad()
+    zopt.synchronize()
+    torch.cuda.synchronize()
+    for u in zopt.units:
+        u.sched.set_debug_delay(DEBUG_DELAY_S)
+    model(x).square().mean().backward()
+    zopt.step()  # launches: each bucket first spins DEBUG_DELAY_S on the comm stream
+    t0 = time.perf_counter()
+    out = model(x)
+    host_s = time.perf_counter() - t0
+    busy = not torch.cuda.current_stream().query()
+    zopt.synchronize()
+    torch.cuda.synchronize()
+    for u in zopt.units:
+        u.sched.set_debug_delay(0.0)
+    torch.testing.assert_close(out, model(x), atol=0, rtol=0)
+    assert busy, "the forward did not wait for the delayed sync on the GPU"
+    assert host_s < DEBUG_DELAY_S / 2, f"the forward blocked the host for {host_s:.3f} s"
+    zopt.close()
+
+
+def test_cuda_graph_capture_is_refused(nccl_world1: None) -> None:
+    """Capturing zerocomm's hooks into a CUDA graph is a clear error, and the
+    handle keeps working afterwards ([Note: no CUDA graph capture])."""
+    import zerocomm
+
+    model = _model(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    zopt = zerocomm.attach(model, opt, mode="broadcast", bucket_mb=0.01)
+    x = _batch(0, torch.float32)
+    model(x).square().mean().backward()
+    zopt.step()  # the next forward's hooks wait for this sync
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(graph):
+            model(x)
+    zopt.synchronize()
+    zopt.zero_grad()
+    model(x).square().mean().backward()  # eager use still works
+    zopt.step()
+    zopt.synchronize()
+    zopt.close()

@@ -40,7 +40,7 @@ using Clock = std::chrono::steady_clock;
 constexpr Millis kLong{10000};
 int g_check_failures = 0;
 
-#define EXPECT(cond)                                                   \
+#define EXPECT(cond)                                                  \
   do {                                                                \
     if (!(cond)) {                                                    \
       ++g_check_failures;                                             \
@@ -49,7 +49,7 @@ int g_check_failures = 0;
     }                                                                 \
   } while (0)
 
-#define EXPECT_MSG(cond, msg)                                               \
+#define EXPECT_MSG(cond, msg)                                              \
   do {                                                                     \
     if (!(cond)) {                                                         \
       ++g_check_failures;                                                  \
@@ -160,8 +160,8 @@ void test_watchdog_times_out_work_that_started() {
   // not before the work started (300 ms) plus the timeout (250 ms)
   EXPECT_MSG(fired >= 0.5, std::to_string(fired) + " s");
   const std::string msg = error_of([&] { dog.rethrow_if_failed(); });
-  EXPECT_MSG(contains(msg, "timed out") && contains(msg, "a stalled collective"),
-            msg);
+  EXPECT_MSG(
+      contains(msg, "timed out") && contains(msg, "a stalled collective"), msg);
   // the aborted hold ended: the stream drains
   EXPECT(!error_of([&] { end->synchronize(kLong, "end"); }).empty());
 }

@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="the GPU suite's size (benchmarks/gpu_suite.sh, < 40 s): variants " + ",".join(QUICK_VARIANTS)
+        help="the GPU suite's size (benchmarks/gpu_suite.sh, < 40 s): variants "
+        + ",".join(QUICK_VARIANTS)
         + " (NCCL both modes; zerocomm against the blocking baseline on a simulated wire ~= forward), "
         "no extra-layers run, on CUDA a smaller model (flags given explicitly still win), 12 steps",
     )
