@@ -90,9 +90,16 @@ class CudaStream final : public Stream {
   void set_timing(bool on) override { timing_ = on; }
   bool capturing() const override {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(
+    const cudaError_t err = cudaStreamIsCapturing(
         c10::cuda::getCurrentCUDAStream(stream_.device_index()).stream(),
-        &status));
+        &status);
+    if (err == cudaErrorStreamCaptureImplicit) {
+      // The legacy default stream while another stream captures in global
+      // mode: a capture is under way all the same.
+      (void)cudaGetLastError();
+      return true;
+    }
+    C10_CUDA_CHECK(err);
     return status != cudaStreamCaptureStatusNone;
   }
 
