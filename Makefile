@@ -68,8 +68,9 @@ smoke: setup
 
 # Installed (not editable) from a copy of the tracked tree, so the build
 # neither rewrites zerocomm/_build_meta.py here (the .venv build's) nor puts
-# a build/ folder here; pytest runs from the copy's tests against the
-# installed package (the copy has no zerocomm/ folder to shadow it).
+# a build/ folder here. pytest runs in the copy through its entry point,
+# which (unlike `python -m pytest`) does not put the current folder on
+# sys.path: the tests import the installed package, not the copy's sources.
 smoke-oldest:
 	test -x $(OLDEST_VENV)/bin/python || python3 -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q --upgrade pip
@@ -79,9 +80,9 @@ smoke-oldest:
 	cd $(OLDEST_VENV)/src && CUDA_HOME=$(CUDA_HOME) ../bin/pip install -v --no-build-isolation . > ../build.log 2>&1 \
 	  || { tail -50 $(OLDEST_VENV)/build.log; exit 1; }
 	grep -E "zerocomm: building" $(OLDEST_VENV)/build.log
-	rm -rf $(OLDEST_VENV)/tests && cp -r tests $(OLDEST_VENV)/tests
-	cd $(OLDEST_VENV) && bin/python -c "import json, zerocomm; print(json.dumps(zerocomm.build_info()))"
-	cd $(OLDEST_VENV) && bin/python -m pytest -q -p no:cacheprovider --rootdir=. $(SMOKE_TESTS)
+	cd $(OLDEST_VENV) && bin/python -c "import json, zerocomm; print(zerocomm.__file__, json.dumps(zerocomm.build_info())); \
+	  assert 'site-packages' in zerocomm.__file__"
+	cd $(OLDEST_VENV)/src && ../bin/pytest -q -p no:cacheprovider $(SMOKE_TESTS)
 
 # One GPU, one device call: <= 540 s worst case including the build (in
 # place, CUDA required). Uses $(PYTHON) when it exists, else python3.
