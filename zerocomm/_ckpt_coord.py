@@ -109,13 +109,18 @@ def coordination(group: dist.ProcessGroup | None, timeout: float | None, what: s
         yield Coordinator(None, 0, 1, seconds, what)
         return
     # Created by every member, first thing in the call, so the groups'
-    # names (a per-process counter) stay in step across ranks.
+    # names (a per-process counter) stay in step across ranks. Over the whole
+    # world every rank is a member, so the counter-named form is used there:
+    # torch < 2.14 names every local-synchronization group over the same
+    # ranks alike (no counter), and a second checkpoint call then meets the
+    # first one's stale rendezvous keys in the store (torch 2.11: a hang).
+    ranks = dist.get_process_group_ranks(group)
     try:
         own = dist.new_group(
-            ranks=dist.get_process_group_ranks(group),
+            ranks=ranks,
             backend="gloo",
             timeout=timedelta(seconds=seconds),
-            use_local_synchronization=True,
+            use_local_synchronization=len(ranks) != dist.get_world_size(),
         )
     except Exception as e:
         raise CheckpointError(f"{what}: could not set up its process group within {seconds:g} s: {describe(e)}") from e

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from ._ckpt_compat import HAS_CHUNK_PROTOCOL, legacy_local_load_plan
 from ._ckpt_fs import (
     ENTRIES,
     FORMAT,
@@ -107,6 +108,12 @@ def _safe_load_bytes(planner: DefaultLoadPlanner, read_item: Any, value: io.Byte
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     load_bytes = _safe_load_bytes
+
+    def create_local_plan(self) -> Any:
+        if HAS_CHUNK_PROTOCOL:
+            return super().create_local_plan()
+        # torch 2.11: read zerocomm's slices as chunks (_ckpt_compat)
+        return legacy_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
 
 
 class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
+from ._ckpt_compat import add_legacy_chunk_hooks
 from .blocks import chunk_prefix
 from .optimizer_state import local_positions
 
@@ -53,6 +54,7 @@ def _piece(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
         ("local_sizes", ((t.numel(),),)),
     ):
         setattr(t, attr, value)  # what DCP reads off a tensor that is one chunk of a larger one
+    add_legacy_chunk_hooks(t, start, total)  # the same for torch 2.11's DCP
     return t
 
 
