@@ -2,6 +2,7 @@
 found (CUDA_HOME, default /usr/local/cuda), else a CppExtension."""
 
 import os
+import shutil
 from pathlib import Path
 
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -31,6 +32,27 @@ def nvidia_dir(name: str) -> Path:
         f"torch's nvidia-{name} package is missing: reinstall the CUDA build of torch {torch.__version__} "
         "(pip install --force-reinstall torch==<that version>)"
     )
+
+
+def wheel_headers_missing_from_toolkit() -> str | None:
+    """A folder with links to the CUDA headers of torch's nvidia wheel that the
+    toolkit under CUDA_HOME lacks (cublas, cusparse, ... which ATen's CUDA
+    headers include). Only those: the wheel's CUDA may be newer than nvcc (torch
+    2.15 ships CUDA 13.2, nvcc here is 13.0), and its runtime headers ahead of
+    the toolkit's would not compile ("CUDA compiler and CUDA toolkit headers are
+    incompatible")."""
+    try:
+        wheel_include = nvidia_dir("cu13") / "include"
+    except RuntimeError:
+        return None
+    toolkit_include = Path(os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME or "/usr/local/cuda") / "include"
+    shim = ROOT / "build" / "cuda_wheel_headers"
+    shutil.rmtree(shim, ignore_errors=True)
+    shim.mkdir(parents=True)
+    for entry in wheel_include.iterdir():
+        if not (toolkit_include / entry.name).exists():
+            (shim / entry.name).symlink_to(entry)
+    return str(shim)
 
 
 use_cuda = torch.version.cuda is not None and nvcc_found() and os.environ.get("ZEROCOMM_FORCE_CPU", "0") != "1"
@@ -65,10 +87,9 @@ if use_cuda:
     sources += [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))]
     nccl = nvidia_dir("nccl")
     include_dirs = [str(CSRC), str(nccl / "include")]
-    try:
-        include_dirs.append(str(nvidia_dir("cu13") / "include"))
-    except RuntimeError:
-        pass
+    shim = wheel_headers_missing_from_toolkit()
+    if shim is not None:
+        include_dirs.append(shim)
     macros.append(("ZEROCOMM_WITH_CUDA", None))
     # No GPU on the build machine: build for A100/H100 plus PTX for newer.
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
