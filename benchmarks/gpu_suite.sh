@@ -133,7 +133,8 @@ skip() {  # skip NAME WHY
 
 # Versions first: what every result below was measured with.
 versions() {
-  "$PY" - <<'EOF' 2>&1 | tee "$WORK/versions.txt"
+  local rc=0
+  "$PY" - > "$WORK/versions.txt" 2>&1 <<'EOF' || rc=$?
 import json, subprocess, sys
 import torch
 v = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda}
@@ -153,6 +154,8 @@ v["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "n
 for k, x in v.items():
     print(f"{k}: {x}")
 EOF
+  cat "$WORK/versions.txt"
+  [[ $rc -eq 0 ]] || echo "versions: could not be read (see above)" | tee -a "$WORK/versions.txt"
 }
 
 # pack: WORK -> OUT/gpu_suite.tar.gz + OUT/summary.json, nothing else in OUT
@@ -180,7 +183,7 @@ def figures(name):
             f["junit_error"] = repr(e)
     log = os.path.join(work, f"{name}.log")
     text = open(log, errors="replace").read() if os.path.exists(log) else ""
-    m = re.findall(r"=+ (.*(?:passed|failed|error|skipped).*) in [\d.]+s", text)
+    m = re.findall(r"(?m)^=*\s*(\d+ (?:passed|failed|error|errors|skipped|deselected)\b.*?) in [\d.]+s", text)
     if m:
         f["pytest"] = m[-1]
     m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
