@@ -35,26 +35,29 @@ CLIP_HINT = (
 class _Handed:
     name: str
     param: torch.Tensor
-    grad: torch.Tensor
+    grad: torch.Tensor | None  # None: zerocomm released it (ZeRO-2)
     version: int
 
 
 @dataclass
 class GradWatch:
-    """Remembers each gradient as it was handed to the reduction (which
-    copied it: [Note: gradient ownership]); an edit after that would be
-    silently left out of the step, so `check()` raises instead."""
+    """Remembers each gradient as it was handed to the reduction ([Note:
+    gradient ownership]); an edit after that would be silently left out of
+    the step, so `check()` raises instead. zerocomm's own writes to the
+    bucket go through an alias with a version counter of its own ([Note:
+    gradient views]), so only the user's edits count."""
 
     handed: list[_Handed] = field(default_factory=list)
 
-    def record(self, name: str, p: torch.Tensor) -> None:
-        if p.grad is not None:
-            self.handed.append(_Handed(name, p, p.grad, p.grad._version))
+    def record(self, name: str, p: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """`grad`: what p.grad is from now on (None once zerocomm released it)."""
+        if grad is not None or p.grad is None:
+            self.handed.append(_Handed(name, p, grad, grad._version if grad is not None else 0))
 
     def check(self) -> None:
         for h in self.handed:
             g = h.param.grad
-            if g is h.grad and g._version == h.version:
+            if g is h.grad and (g is None or g._version == h.version):
                 continue
             what = "set to None or replaced" if g is not h.grad else "modified in place"
             raise RuntimeError(
