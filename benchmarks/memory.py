@@ -22,10 +22,11 @@ The table gives the worst rank. `floor` is the analytic model state of each sche
 above the model (fp32, N ranks: DDP 1 gradient + 1 bucket copy + 2 Adam = 4P,
 ZeRO-1 1 + 2/N, ZeRO-2 3/N; FSDP shards parameters too).
 
-CPU: anonymous resident memory (RssAnon; file-backed pages are libtorch's code). glibc serves big allocations from mmap only below a
-dynamic threshold that rises (up to 32 MiB) each time such a block is freed; after
-that, freed tensors go back to the heap and stay resident, so RSS would keep the
-high-water mark of everything ever freed and "steady" would mean nothing.
+CPU: anonymous resident memory (RssAnon; the file-backed rest is libtorch's code).
+glibc serves big allocations from mmap only below a dynamic threshold that rises
+(up to 32 MiB) each time such a block is freed; after that, freed tensors go back
+to the heap and stay resident, so RSS would keep the high-water mark of everything
+ever freed and "steady" would mean nothing.
 MALLOC_MMAP_THRESHOLD_=65536 pins the threshold (set here, for the spawned ranks),
 so every tensor above 64 KiB is its own mapping, returned to the system when
 freed. The peak is the kernel's VmHWM, reset to the current RSS before the

@@ -14,15 +14,15 @@ writes between steps]).
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .transport import private_gloo
 
 CLIP_HINT = (
     "clip with zopt.clip_grad_norm_(max_norm) (the true global norm), or wrap the model in "
@@ -100,19 +100,19 @@ class GradPresence:
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, timeout_s: float) -> None:
         self.backend: Any = None  # a ProcessGroupGloo backend
+        self._flags: torch.Tensor | None = None  # reused every step: nothing allocated per step
         if world_size > 1:
-            rank = dist.get_rank(group)
-            box = [f"zerocomm-presence/{uuid.uuid4().hex}" if rank == 0 else None]
-            dist.broadcast_object_list(box, group=group, group_src=0)
-            store = dist.PrefixStore(str(box[0]), dist.distributed_c10d._get_default_store())
-            self.backend = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+            self.backend = private_gloo(group, "zerocomm-presence", timeout_s)
 
     def start(self, local: list[bool]) -> PresenceVote:
         """Issue the OR over the ranks (asynchronously: the caller waits for
         its reductions meanwhile); `PresenceVote.result()` waits for it."""
         if self.backend is None or not local:
             return PresenceVote(local, None, None)
-        flags = torch.tensor(local, dtype=torch.uint8)
+        if self._flags is None or self._flags.numel() != len(local):
+            self._flags = torch.zeros(len(local), dtype=torch.uint8)
+        flags = self._flags
+        flags.numpy()[:] = local  # host memory, written without a torch op
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         return PresenceVote(local, flags, self.backend.allreduce([flags], opts))

@@ -20,7 +20,7 @@ buffer, and the local optimizer's gradients are views of it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
