@@ -90,7 +90,7 @@ class PresenceVote:
                 f"gradient reduction, before the step) failed: {e}"
             ) from e
         assert self.flags is not None
-        return self.flags.bool().tolist()
+        return [x != 0 for x in self.flags.tolist()]
 
 
 class GradPresence:
