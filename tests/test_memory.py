@@ -136,8 +136,14 @@ def _bf16_job(rank: int, world: int, mode: str) -> dict:
         else:
             zopt.step()
         zopt.zero_grad()
+    # allgather: the fp32 gradient of this rank's slice lives in the bf16 bucket's dead part
+    in_bucket = all(
+        r.master_grad is not None and _storage(r.master_grad) == _storage(r.grad_flat)
+        for u in zopt.units
+        for r in u.buckets
+    )
     zopt.close()
-    return {"step_allocations": m.new}
+    return {"step_allocations": m.new, "master_grad_in_bucket": in_bucket}
 
 
 def _train(rank: int, mode: str, case: str, shard_grads: bool) -> dict[str, torch.Tensor]:
@@ -250,6 +256,8 @@ def test_zero2_holds_less_than_zero1() -> None:
 def test_master_dtype_step_allocates_nothing(mode: str) -> None:
     for r in run_ranks(_bf16_job, WORLD, mode, timeout=180):
         assert r["step_allocations"] == [], r["step_allocations"]
+        if mode == "allgather":
+            assert r["master_grad_in_bucket"], "the fp32 master gradient is a buffer of its own"
 
 
 @functools.lru_cache(maxsize=None)

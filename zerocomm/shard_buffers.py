@@ -30,7 +30,7 @@ from ._ext import _C
 from .plan import Bucket
 from .sync_unit import BucketRecord, SyncUnit, alias
 
-REDUCE_SCATTER = _C.REDUCE_SCATTER  # a grad bucket's root: reduce-scatter instead of reduce-to-owner
+Collective = _C.Collective
 STAGING_SLOTS = 2  # ZeRO-2: full-size gradient buckets in flight per unit and dtype
 
 
@@ -170,7 +170,9 @@ class BroadcastGrads(GradMode):
         flat = self._grad_buffer(rec)
         assert b.owner is not None
         empty = torch.empty(0, dtype=b.dtype, device=self.ctx.device)
-        rec.grad_id = u.sched.add_grad_bucket(alias(flat), empty, [], [], b.owner, f"grad:{u.name}:{b.index}")
+        rec.grad_id = u.sched.add_grad_bucket(
+            alias(flat), empty, [], [], b.owner, f"grad:{u.name}:{b.index}", Collective.REDUCE
+        )
         if b.owner != u.rank:
             return
         md = self.ctx.master_dtype
@@ -218,12 +220,24 @@ class BroadcastGrads(GradMode):
 class AllGatherGrads(GradMode):
     """Reduce-scatter in place; this rank steps its slice of every bucket."""
 
+    SCRATCH = 1 << 20  # elements of the master_dtype conversion's scratch
+
+    def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
+        md = ctx.master_dtype or torch.float32
+        self._scratch = torch.empty(0, dtype=md, device=ctx.device)
+        super().__init__(unit, ctx)
+        if any(r.master_grad is not None for r in unit.buckets):
+            n = min(self.SCRATCH, max(r.spec.shard_numel for r in unit.buckets))
+            self._scratch = torch.empty(n, dtype=md, device=ctx.device)
+
     def build(self, rec: BucketRecord) -> None:
         u, b = self.unit, rec.spec
         flat = alias(self._grad_buffer(rec))
         # the reduce-scatter's output is this rank's slice of the bucket itself
         shard = flat.narrow(0, rec.lo, b.shard_numel)
-        rec.grad_id = u.sched.add_grad_bucket(flat, shard, [], [], REDUCE_SCATTER, f"grad:{u.name}:{b.index}")
+        rec.grad_id = u.sched.add_grad_bucket(
+            flat, shard, [], [], -1, f"grad:{u.name}:{b.index}", Collective.REDUCE_SCATTER
+        )
         rec.grad_shard = shard
         self._build_master(rec)
 
@@ -238,11 +252,51 @@ class AllGatherGrads(GradMode):
             rec.master = flat_shard
         else:
             rec.master = flat_shard.detach().to(md).clone()
-            rec.master_grad = torch.zeros(b.shard_numel, dtype=md, device=self.ctx.device)
+            rec.master_grad = self._master_grad_in_bucket(rec, md)
+            if rec.master_grad is None:
+                rec.master_grad = torch.zeros(b.shard_numel, dtype=md, device=self.ctx.device)
         plan = self.unit.plan
         for pc in plan.pieces(b, lo, lo + b.shard_numel):
             piece = nn.Parameter(rec.master.narrow(0, pc.at - lo, pc.numel))  # shares storage
             rec.locals.append(self._local(rec, piece, pc.param, pc.start, pc.numel, pc.at))
+
+    def _master_grad_in_bucket(self, rec: BucketRecord, md: torch.dtype) -> torch.Tensor | None:
+        """[Note: master gradient in the bucket] The master_dtype gradient of
+        this rank's slice, placed in the gradient flat itself: its own slice
+        and the neighbouring one, dead once the reduce-scatter has run.
+        None where it does not fit (one rank; more than twice the width)."""
+        b, flat = rec.spec, rec.grad_flat
+        size = md.itemsize
+        if flat is None or self.unit.transport.world_size < 2 or size > 2 * b.dtype.itemsize:
+            return None
+        own = rec.lo * b.dtype.itemsize  # byte offset of this rank's slice
+        start = own - b.shard_numel * b.dtype.itemsize if rec.lo > 0 else own
+        if start % size:
+            return None
+        return torch.empty(0, dtype=md, device=self.ctx.device).set_(
+            flat.untyped_storage(), start // size, (b.shard_numel,), (1,)
+        )
+
+    def _convert(self, rec: BucketRecord) -> None:
+        """The reduced slice -> its master_dtype gradient, through a small
+        scratch in chunks ordered so that no chunk overwrites a part of the
+        slice not yet read (it starts below the slice, or at it: forward;
+        it starts at the slice and ends past it: backward)."""
+        src, dst = rec.grad_shard, rec.master_grad
+        assert src is not None and dst is not None
+        if dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+            dst.copy_(src)  # a buffer of its own
+            return
+        n = src.numel()
+        chunk = self._scratch.numel()
+        starts = list(range(0, n, chunk))
+        if dst.data_ptr() >= src.data_ptr():
+            starts.reverse()
+        for a in starts:
+            k = min(chunk, n - a)
+            tmp = self._scratch.narrow(0, 0, k)
+            tmp.copy_(src.narrow(0, a, k))
+            dst.narrow(0, a, k).copy_(tmp)
 
     def take_local(self, rec: BucketRecord) -> None:
         shard = rec.grad_shard
@@ -257,7 +311,7 @@ class AllGatherGrads(GradMode):
         shard = rec.grad_shard
         assert shard is not None
         if rec.master_grad is not None:
-            rec.master_grad.copy_(shard)  # persistent: nothing allocated per step
+            self._convert(rec)  # into persistent memory: nothing allocated per step
             shard = rec.master_grad
         for lp in rec.locals:
             lp.tensor.grad = shard.narrow(0, lp.at - rec.lo, lp.numel) if has_grad[lp.param] else None
@@ -310,8 +364,9 @@ class ShardedGrads(AllGatherGrads):
             staging.narrow(0, rec.lo, b.shard_numel),
             list(b.offsets),
             numels,
-            REDUCE_SCATTER,
+            -1,
             f"grad:{u.name}:{b.index}",
+            Collective.REDUCE_SCATTER,
         )
         rec.grad_views = [None] * len(b.params)
         rec.grad_shard = torch.zeros(b.shard_numel, dtype=b.dtype, device=self.ctx.device)

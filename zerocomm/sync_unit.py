@@ -15,7 +15,7 @@ from .blocks import BlocksArg
 from .plan import Bucket, Plan, build_plan
 from .transport import SimulatedTransport, Transport
 
-ALL_GATHER = _C.ALL_GATHER  # a param bucket's root: in-place all-gather instead of a broadcast
+Collective = _C.Collective
 
 
 class PlannedUnit(NamedTuple):
@@ -151,11 +151,11 @@ def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device
             view.copy_(p.detach().view(-1))
             p.data = view.view(p.shape)  # the old storage is freed here, bucket by bucket
         # broadcast from the owner, or (no owner: every rank holds a slice) all-gather
-        root = b.owner if b.owner is not None else ALL_GATHER
+        op, root = (Collective.BROADCAST, b.owner) if b.owner is not None else (Collective.ALL_GATHER, -1)
         label = f"{name}:{b.index}[{plan.blocks[b.blocks[0]].name}" + (
             f"..{plan.blocks[b.blocks[-1]].name}]" if len(b.blocks) > 1 else "]"
         )
-        pid = sched.add_param_bucket(alias(flat), [], [], [], [], root, label)
+        pid = sched.add_param_bucket(alias(flat), [], [], [], [], root, label, op)
         lo = b.shard_range(rank)[0] if b.owner is None else 0
         records.append(BucketRecord(b, label, flat, pid, lo))
     bound = [s.param.detach() for s in plan.params]
