@@ -163,8 +163,14 @@ def _train(rank: int, mode: str, case: str, shard_grads: bool) -> dict[str, torc
             _loss(model, step, rank, skip=skip).backward()
         if case == "clip":
             zopt.clip_grad_norm_(0.05)
-        if case == "outside_zero_grad" and step:
-            pass
+        if case == "abandoned" and step == 1:
+            # a step refused after the reductions were launched, then the loop goes on
+            zopt.grad_scale = torch.ones(())  # type: ignore[attr-defined]
+            with pytest.raises(NotImplementedError):
+                zopt.step()
+            del zopt.grad_scale  # type: ignore[attr-defined]
+            zopt.zero_grad()
+            continue
         zopt.step()
         if case == "outside_zero_grad":
             model.zero_grad(set_to_none=False)  # zeroes the views in place: zerocomm must notice
@@ -182,6 +188,19 @@ def _exact_job(rank: int, world: int) -> dict:
         out["zero2", case] = _train(rank, "allgather", case, True)
     for mode in ("broadcast", "allgather"):
         out[mode, "outside_zero_grad"] = _train(rank, mode, "outside_zero_grad", False)
+        out[mode, "abandoned"] = _train(rank, mode, "abandoned", False)
+    out["zero2", "abandoned"] = _train(rank, "allgather", "abandoned", True)
+    # close() gives p.grad its own memory: the buckets go with the handle
+    torch.manual_seed(0)
+    model = Net()
+    import zerocomm
+
+    zopt = zerocomm.attach(model, torch.optim.AdamW(model.parameters()), mode="allgather", bucket_mb=0.001)
+    _loss(model, 0, rank).backward()
+    zopt.step()
+    flats = {_storage(r.grad_flat) for u in zopt.units for r in u.buckets}
+    zopt.close()
+    out["closed_grads_own"] = all(p.grad is not None and _storage(p.grad) not in flats for p in model.parameters())
     return out
 
 
@@ -208,6 +227,8 @@ def _reference(case: str) -> dict[str, torch.Tensor]:
     model = Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(STEPS):
+        if case == "abandoned" and step == 1:
+            continue
         skip = 2 if case == "skip" and step % 2 else None
         if case == "accum":
             loss = sum((_loss(model, step, r, 0) + _loss(model, step, r, 1)) / 2 for r in range(WORLD)) / WORLD
@@ -286,6 +307,21 @@ def test_zero_grad_from_outside_is_exact(mode: str) -> None:
         got = r[mode, "outside_zero_grad"]
         worst = max((got[n] - want[n]).abs().max().item() for n in want)
         assert worst < ATOL, f"{mode}: max |delta| {worst:.3g}"
+
+
+@pytest.mark.parametrize("what", ["broadcast", "allgather", "zero2"])
+def test_abandoned_step_then_training_is_exact(what: str) -> None:
+    """A step refused after backward launched its reductions: the next
+    backward must not race them nor count their result."""
+    want = _reference("abandoned")
+    for r in _exact():
+        got = r[what, "abandoned"]
+        worst = max((got[n] - want[n]).abs().max().item() for n in want)
+        assert worst < ATOL, f"{what}: max |delta| {worst:.3g}"
+
+
+def test_close_releases_gradient_views() -> None:
+    assert all(r["closed_grads_own"] for r in _exact())
 
 
 @pytest.mark.parametrize("mode", ["broadcast", "allgather"])

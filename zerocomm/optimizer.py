@@ -384,7 +384,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             h.remove()
         self._hooks.clear()
         self.grads.close()
-        self.sync.close()
+        self.sync.close()  # waits for every outstanding sync and reduction first
+        self.buffers.release_grads()
 
     @property
     def plan(self) -> Plan:

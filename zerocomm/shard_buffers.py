@@ -415,6 +415,13 @@ class ShardedGrads(AllGatherGrads):
                 rec.grad_shard.zero_()
 
     def new_step(self) -> None:  # noqa: D102
+        # a step abandoned after its reductions were launched: they must
+        # finish before their staging buffers are reused, and not count
+        for slots in self._pools.values():
+            for slot in slots:
+                if slot.user is not None:
+                    self.unit.sched.wait_grad(slot.user.grad_id)
+                    slot.user = None
         self._reduced.clear()
 
     def nbytes(self) -> int:
@@ -452,6 +459,16 @@ class ShardBuffers:
 
     def nbytes(self) -> int:
         return sum(m.nbytes() for m in self.modes)
+
+    def release_grads(self) -> None:
+        """close(): a p.grad still viewing a bucket gets its own copy, so the
+        buckets can be freed."""
+        for u in self.units:
+            for rec in u.buckets:
+                for k, i in enumerate(rec.spec.params):
+                    p = u.plan.params[i].param
+                    if p.grad is not None and p.grad is rec.grad_views[k]:
+                        p.grad = p.grad.clone()
 
     def bind_grads(self, has_grad: list[list[bool]]) -> None:
         for ui, (u, m) in enumerate(zip(self.units, self.modes)):
