@@ -89,6 +89,7 @@ def attach(
             [(u.name, u.plan) for u in units],
             optimizer=type(optimizer).__name__ if optimizer is not None else "none",
             version=__version__,
+            options=f"shard_grads={optimizer_options.get('shard_grads', False)}",
         )
     except Exception as e:  # raised below, after the peers have heard of it
         error = e

@@ -318,6 +318,31 @@ def build_plan(
     check_plan_options(
         mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes, world_size=world_size
     )
+    return plan_model(
+        chunks,
+        mode=mode,
+        world_size=world_size,
+        partition=partition,
+        bucket_mb=bucket_mb,
+        align_bytes=align_bytes,
+        blocks=blocks,
+        param_filter=param_filter,
+    )
+
+
+def plan_model(
+    chunks: Chunks,
+    *,
+    mode: str,
+    world_size: int,
+    partition: str,
+    bucket_mb: float,
+    align_bytes: int,
+    blocks: BlocksArg,
+    param_filter: Callable[[str, nn.Parameter], bool] | None,
+) -> Plan:
+    """`build_plan` for options already checked (attach checked them:
+    validate.check_options runs `check_plan_options` once)."""
     chunk_list = as_chunks(chunks)
     raw = discover(chunk_list, blocks)
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ._ext import _C
 from .blocks import BlocksArg
-from .plan import Bucket, Plan, build_plan
+from .plan import Bucket, Plan, plan_model
 from .transport import SimulatedTransport, Transport
 
 Collective = _C.Collective
@@ -48,7 +48,7 @@ def plan_units(
     out = []
     for name, grp, pfilter in specs:
         world = 1 if isinstance(transport, SimulatedTransport) else dist.get_world_size(grp)
-        plan = build_plan(
+        plan = plan_model(  # attach checked the options
             chunks,
             mode=mode,
             world_size=world,

@@ -163,16 +163,19 @@ def is_elementwise(optimizer: torch.optim.Optimizer, elementwise: bool | None) -
     return type(optimizer).__name__ in ELEMENTWISE if elementwise is None else bool(elementwise)
 
 
-def plan_fingerprint(plans: list[tuple[str, Plan]], *, optimizer: str = "none", version: str = "") -> list[tuple]:
-    """What every rank must agree on, as comparable rows: the options, the
-    zerocomm version (attach passes it) and every (name, plan) attach built."""
+def plan_fingerprint(
+    plans: list[tuple[str, Plan]], *, optimizer: str = "none", version: str = "", options: str = ""
+) -> list[tuple]:
+    """What every rank must agree on, as comparable rows: the options
+    (`options`: those that change which collectives run, e.g. shard_grads),
+    the zerocomm version (attach passes it) and every (name, plan) attach built."""
     first = plans[0][1]
     rows: list[tuple] = [
         (
             "config",
             f"mode={first.mode} partition={first.partition} "
             f"bucket_mb={first.bucket_mb} align_bytes={first.align_bytes} optimizer={optimizer} "
-            f"experts={len(plans) > 1} zerocomm={version}",
+            f"experts={len(plans) > 1} zerocomm={version}" + (f" {options}" if options else ""),
         )
     ]
     for name, plan in plans:
