@@ -234,8 +234,15 @@ def floor(key: str, world: int, dtype: str) -> float | None:
     """Analytic model state above the model, in units of the parameter bytes
     (AdamW: 2 state tensors per parameter, in the parameter's dtype or fp32)."""
     n = world
-    if dtype == "bf16":  # bf16 parameters: fp32 masters + fp32 Adam = 6 x param bytes, sharded
-        return {"zero1": 1 + 8 / n, "zero2": 1 / n + 8 / n, "ddp": 1 + 1 + 2}.get(key)
+    if dtype == "bf16":  # bf16 parameters and gradients; fp32 masters + fp32 Adam = 6 x param bytes, sharded
+        # (ZeRO-1: Megatron's 4 + 12/N bytes per parameter, less the parameters' 2)
+        return {
+            "zero1": 1 + 6 / n,
+            "zero2": 7 / n,
+            "ddp": 1 + 1 + 2,
+            "ds_zero1": 1 + 6 / n,
+            "ds_zero2": 7 / n,
+        }.get(key)
     return {
         "zero1": 1 + 2 / n,
         "zero2": 3 / n,

@@ -127,7 +127,9 @@ def _bf16_job(rank: int, world: int, mode: str) -> dict:
     torch.manual_seed(0)
     model = Net(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=0.001, master_dtype=torch.float32)
+    shard_grads = mode == "zero2"
+    mode = "allgather" if shard_grads else mode
+    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=0.001, master_dtype=torch.float32, shard_grads=shard_grads)
     for step in range(3):
         _loss(model, step, rank).backward()
         if step == 2:
@@ -136,14 +138,18 @@ def _bf16_job(rank: int, world: int, mode: str) -> dict:
         else:
             zopt.step()
         zopt.zero_grad()
-    # allgather: the fp32 gradient of this rank's slice lives in the bf16 bucket's dead part
+    # allgather: the fp32 gradient of this rank's slice lives in the bf16 bucket's dead part;
+    # ZeRO-2: the kept slice is the fp32 gradient itself
     in_bucket = all(
-        r.master_grad is not None and _storage(r.master_grad) == _storage(r.grad_flat)
+        r.master_grad is not None
+        and (r.master_grad is r.grad_shard if shard_grads else _storage(r.master_grad) == _storage(r.grad_flat))
         for u in zopt.units
         for r in u.buckets
     )
+    zopt.synchronize()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
     zopt.close()
-    return {"step_allocations": m.new, "master_grad_in_bucket": in_bucket}
+    return {"step_allocations": m.new, "master_grad_in_bucket": in_bucket, "params": params}
 
 
 def _train(rank: int, mode: str, case: str, shard_grads: bool) -> dict[str, torch.Tensor]:
@@ -273,12 +279,24 @@ def test_zero2_holds_less_than_zero1() -> None:
     assert zero2 < zero1, (zero2, zero1)
 
 
-@pytest.mark.parametrize("mode", ["broadcast", "allgather"])
+@functools.lru_cache(maxsize=None)
+def _bf16(mode: str) -> list[dict]:
+    return run_ranks(_bf16_job, WORLD, mode, timeout=180)
+
+
+@pytest.mark.parametrize("mode", ["broadcast", "allgather", "zero2"])
 def test_master_dtype_step_allocates_nothing(mode: str) -> None:
-    for r in run_ranks(_bf16_job, WORLD, mode, timeout=180):
+    for r in _bf16(mode):
         assert r["step_allocations"] == [], r["step_allocations"]
-        if mode == "allgather":
+        if mode != "broadcast":
             assert r["master_grad_in_bucket"], "the fp32 master gradient is a buffer of its own"
+
+
+def test_master_dtype_zero2_matches_zero1() -> None:
+    """One micro-batch per step: ZeRO-2 steps the same fp32 gradients."""
+    for a, b in zip(_bf16("allgather"), _bf16("zero2")):
+        for n, t in a["params"].items():
+            assert torch.equal(t, b["params"][n]), n
 
 
 @functools.lru_cache(maxsize=None)

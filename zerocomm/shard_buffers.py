@@ -284,6 +284,8 @@ class AllGatherGrads(GradMode):
         it starts at the slice and ends past it: backward)."""
         src, dst = rec.grad_shard, rec.master_grad
         assert src is not None and dst is not None
+        if dst is src:  # ZeRO-2 keeps its slice in master_dtype already
+            return
         if dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
             dst.copy_(src)  # a buffer of its own
             return
@@ -369,8 +371,14 @@ class ShardedGrads(AllGatherGrads):
             Collective.REDUCE_SCATTER,
         )
         rec.grad_views = [None] * len(b.params)
-        rec.grad_shard = torch.zeros(b.shard_numel, dtype=b.dtype, device=self.ctx.device)
+        md = self.ctx.master_dtype
+        # the kept slice is in master_dtype when there is one: the reduced
+        # slices are added up there, and it is the master's gradient itself
+        keep = md if md is not None else b.dtype
+        rec.grad_shard = torch.zeros(b.shard_numel, dtype=keep, device=self.ctx.device)
         self._build_master(rec)
+        if rec.master_grad is not None:
+            rec.master_grad = rec.grad_shard
 
     def land(self, rec: BucketRecord, k: int, p: torch.Tensor) -> None:
         pass  # the gradient is copied into a staging buffer at hand-over
@@ -427,7 +435,7 @@ class ShardedGrads(AllGatherGrads):
     def nbytes(self) -> int:
         n = super().nbytes()
         for rec in self.unit.buckets:
-            if rec.grad_shard is not None:
+            if rec.grad_shard is not None and rec.grad_shard is not rec.master_grad:
                 n += rec.grad_shard.numel() * rec.grad_shard.element_size()
         for slots in self._pools.values():
             n += sum(s.buf.numel() * s.buf.element_size() for s in slots)
