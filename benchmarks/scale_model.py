@@ -199,61 +199,46 @@ def block_forward_times(name: str, flops: float, tokens: int) -> list[float]:
     return out
 
 
+def _slot(nb: int) -> int:
+    """A tensor's slot in a flat buffer: aligned to ALIGN_BYTES, as the plan's."""
+    return int(math.ceil(nb / ALIGN_BYTES) * ALIGN_BYTES)
+
+
 def allgather_buckets(block_tensor_bytes: list[list[int]], cap: float, n: int) -> list[tuple[int, list[int]]]:
-    """(padded bytes, blocks) per bucket, as zerocomm's plan ([Note: bucket size]):
-    consecutive blocks merged up to the cap, a block bigger than the cap cut at
-    tensor boundaries (a tensor bigger than the cap is a bucket of its own)."""
-    buckets: list[list] = []
-    cur = 0.0
+    """(padded bytes, blocks) per bucket, from zerocomm's own planner
+    (zerocomm.plan.allgather_groups, [Note: bucket size])."""
+    from zerocomm.plan import allgather_groups
 
-    def add(nb: int, k: int, fits: bool) -> None:
-        nonlocal cur
-        if buckets and fits:
-            buckets[-1][0] += nb
-            if buckets[-1][1][-1] != k:
-                buckets[-1][1].append(k)
-            cur += nb
-        else:
-            buckets.append([nb, [k]])
-            cur = nb
-
+    slots, block_of, owned = [], [], []
     for k, tensors in enumerate(block_tensor_bytes):
-        nb = sum(tensors)
-        if nb == 0:
-            continue
-        if nb <= cap:
-            add(nb, k, cur + nb <= cap)
-            continue
-        for t in tensors:
-            add(t, k, cur + t <= cap)
+        owned.append(list(range(len(slots), len(slots) + len(tensors))))
+        slots += [_slot(t) for t in tensors]
+        block_of += [k] * len(tensors)
+    groups = allgather_groups(owned, slots, ["one dtype"] * len(slots), cap)
     unit = n * ALIGN_BYTES
-    return [(int(math.ceil(b / unit) * unit), ks) for b, ks in buckets]
+    return [
+        (int(math.ceil(sum(slots[i] for i in g) / unit) * unit), list(dict.fromkeys(block_of[i] for i in g)))
+        for g in groups
+    ]
 
 
 def broadcast_launches(
     tensor_bytes: list[int], tensor_block: list[int], cap: float, n: int
 ) -> tuple[list[tuple[int, list[int]]], list[int]]:
-    """Launches (bytes, blocks) in forward order and per-rank owned bytes, with zerocomm's
-    balanced contiguous partition of whole tensors. cap = inf: one launch per rank's shard."""
+    """Launches (bytes, blocks) in forward order and per-rank owned bytes, from
+    zerocomm's own planner (balanced contiguous partition of whole tensors,
+    zerocomm.plan.broadcast_groups). cap = inf: one launch per rank's shard."""
     from zerocomm.partition import balanced_partition
+    from zerocomm.plan import broadcast_groups
 
     owners = balanced_partition(tensor_bytes, n)
-    launches: list[list] = []
-    cur, last_owner = 0, None
-    for nb, blk, r in zip(tensor_bytes, tensor_block, owners):
-        if launches and r == last_owner and cur + nb <= cap:
-            launches[-1][0] += nb
-            if blk not in launches[-1][1]:
-                launches[-1][1].append(blk)
-            cur += nb
-        else:
-            launches.append([nb, [blk]])
-            cur = nb
-        last_owner = r
+    slots = [_slot(nb) for nb in tensor_bytes]
+    groups = broadcast_groups(owners, slots, ["one dtype"] * len(slots), cap)
+    launches = [(sum(slots[i] for i in g), list(dict.fromkeys(tensor_block[i] for i in g))) for g in groups]
     per_rank = [0] * n
     for nb, r in zip(tensor_bytes, owners):
         per_rank[r] += nb
-    return [(b, ks) for b, ks in launches], per_rank
+    return launches, per_rank
 
 
 def pipeline_exposed(bucket_times: list[float], bucket_blocks: list[list[int]], fwd: list[float]) -> float:

@@ -74,11 +74,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   m.def("build_info", &build_info);
-  // A bucket's `root`: a rank (broadcast from / reduce to it) or one of
-  // these collective kinds (scheduler.h), named so Python never copies them.
-  m.attr("ALL_GATHER") = kAllGather;
-  m.attr("REDUCE_SCATTER") = kReduceScatter;
-  m.attr("ALL_REDUCE") = kAllReduce;
+  // A bucket's collective (scheduler.h); only BROADCAST and REDUCE read the
+  // bucket's root rank.
+  py::enum_<Collective>(m, "Collective")
+      .value("BROADCAST", Collective::kBroadcast)
+      .value("ALL_GATHER", Collective::kAllGather)
+      .value("REDUCE", Collective::kReduce)
+      .value("REDUCE_SCATTER", Collective::kReduceScatter)
+      .value("ALL_REDUCE", Collective::kAllReduce);
   m.attr("GLOO_BROADCAST_GATHER_MAX") = kGlooBroadcastGatherMax;
 
   py::class_<FlatLayout>(m, "FlatLayout")
@@ -150,10 +153,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"), nogil)
       .def("add_param_bucket", &S::add_param_bucket, py::arg("flat"),
            py::arg("copy_in"), py::arg("in_offsets"), py::arg("copy_out"),
-           py::arg("out_offsets"), py::arg("root"), py::arg("label"))
+           py::arg("out_offsets"), py::arg("root"), py::arg("label"),
+           py::arg("collective") = Collective::kBroadcast)
       .def("add_grad_bucket", &S::add_grad_bucket, py::arg("flat"),
            py::arg("shard"), py::arg("offsets"), py::arg("numels"),
-           py::arg("root"), py::arg("label"))
+           py::arg("root"), py::arg("label"),
+           py::arg("collective") = Collective::kReduce)
       .def("launch", &S::launch, py::arg("order"), nogil)
       .def("wait_param", &S::wait_param, nogil)
       .def("reduce_grads", &S::reduce_grads, py::arg("bucket"),

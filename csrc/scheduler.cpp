@@ -104,19 +104,25 @@ int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
                                         std::vector<int64_t> in_offsets,
                                         std::vector<at::Tensor> copy_out,
                                         std::vector<int64_t> out_offsets,
-                                        int root, std::string label) {
-  TORCH_CHECK_VALUE(root >= kAllGather && root < comm_->size(), "bucket ",
-                    label, ": root ", root, " is not a rank of a group of ",
-                    comm_->size());
-  TORCH_CHECK_VALUE(root != kAllGather || flat.numel() % comm_->size() == 0,
-                    "bucket ", label, ": all-gather buffer of ", flat.numel(),
-                    " elements does not split over ", comm_->size(), " ranks");
+                                        int root, std::string label,
+                                        Collective op) {
+  TORCH_CHECK_VALUE(
+      op == Collective::kBroadcast || op == Collective::kAllGather, "bucket ",
+      label, ": a parameter bucket is broadcast or all-gathered");
+  TORCH_CHECK_VALUE(
+      op != Collective::kBroadcast || (root >= 0 && root < comm_->size()),
+      "bucket ", label, ": root ", root, " is not a rank of a group of ",
+      comm_->size());
+  TORCH_CHECK_VALUE(
+      op != Collective::kAllGather || flat.numel() % comm_->size() == 0,
+      "bucket ", label, ": all-gather buffer of ", flat.numel(),
+      " elements does not split over ", comm_->size(), " ranks");
   auto numels = [](const std::vector<at::Tensor>& ts) {
     std::vector<int64_t> n;
     for (const auto& t : ts) n.push_back(t.numel());
     return n;
   };
-  auto b = std::make_shared<Bucket>();
+  auto b = std::make_shared<ParamBucket>();
   b->in_layout = FlatLayout::explicit_offsets(
       std::move(in_offsets), numels(copy_in), flat.numel(), flat.scalar_type());
   b->out_layout =
@@ -127,6 +133,7 @@ int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
   b->flat = std::move(flat);
   b->copy_in = std::move(copy_in);
   b->copy_out = std::move(copy_out);
+  b->op = op;
   b->root = root;
   b->label = std::move(label);
   std::lock_guard<std::mutex> lock(mu_);
@@ -137,19 +144,27 @@ int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
 int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
                                        std::vector<int64_t> offsets,
                                        std::vector<int64_t> numels, int root,
-                                       std::string label) {
-  TORCH_CHECK_VALUE(root >= kAllReduce && root < comm_->size(), "bucket ",
-                    label, ": bad reduction root ", root);
+                                       std::string label, Collective op) {
+  TORCH_CHECK_VALUE(op == Collective::kReduce ||
+                        op == Collective::kReduceScatter ||
+                        op == Collective::kAllReduce,
+                    "bucket ", label,
+                    ": a gradient bucket is reduced, reduce-scattered or "
+                    "all-reduced");
   TORCH_CHECK_VALUE(
-      root != kReduceScatter ||
+      op != Collective::kReduce || (root >= 0 && root < comm_->size()),
+      "bucket ", label, ": bad reduction root ", root);
+  TORCH_CHECK_VALUE(
+      op != Collective::kReduceScatter ||
           (shard.defined() && shard.numel() * comm_->size() == flat.numel()),
       "bucket ", label, ": reduce-scatter needs a shard of ",
       flat.numel() / comm_->size(), " elements");
-  auto b = std::make_shared<Bucket>();
+  auto b = std::make_shared<GradBucket>();
   b->in_layout = FlatLayout::explicit_offsets(
       std::move(offsets), std::move(numels), flat.numel(), flat.scalar_type());
   b->flat = std::move(flat);
   b->shard = std::move(shard);
+  b->op = op;
   b->root = root;
   b->label = std::move(label);
   std::lock_guard<std::mutex> lock(mu_);
@@ -204,7 +219,7 @@ void SyncScheduler::launch(const std::vector<int64_t>& order) {
     b->done = enqueue_traced(b->label, [b, comm, delay] {
       if (delay > 0) comm->hold(delay, b->flat.is_cuda());
       if (!b->copy_in.empty()) flatten(b->copy_in, b->in_layout, b->flat);
-      if (b->root == kAllGather)
+      if (b->op == Collective::kAllGather)
         comm->all_gather(b->flat);
       else
         comm->broadcast(b->flat, b->root);
@@ -235,7 +250,7 @@ void SyncScheduler::wait_event(std::shared_ptr<Event> ev,
 }
 
 void SyncScheduler::wait_param(int64_t i) {
-  std::shared_ptr<Bucket> b;
+  std::shared_ptr<ParamBucket> b;
   {
     std::lock_guard<std::mutex> lock(mu_);
     TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(params_.size()),
@@ -277,9 +292,9 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
   stream_->wait(stream_->record_current(), timeout_, "backward");
   auto comm = comm_;
   b->done = enqueue_traced(b->label, [b, comm, average] {
-    if (b->root == kReduceScatter)
+    if (b->op == Collective::kReduceScatter)
       comm->reduce_scatter(b->flat, b->shard, average);
-    else if (b->root == kAllReduce)
+    else if (b->op == Collective::kAllReduce)
       comm->all_reduce(b->flat, average);
     else
       comm->reduce(b->flat, b->root, average);
@@ -287,7 +302,7 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
 }
 
 void SyncScheduler::wait_grad(int64_t i) {
-  std::shared_ptr<Bucket> b;
+  std::shared_ptr<GradBucket> b;
   {
     std::lock_guard<std::mutex> lock(mu_);
     TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(grads_.size()),

@@ -15,20 +15,39 @@
 
 namespace zerocomm {
 
-// root >= 0: broadcast from root. kAllGather: in-place all-gather of shards.
-constexpr int kAllGather = -1;
-// Gradient buckets: root >= 0: reduce to root; kReduceScatter; kAllReduce.
-constexpr int kReduceScatter = -1;
-constexpr int kAllReduce = -2;
+// What a bucket's collective is: parameter buckets broadcast from a root
+// rank or all-gather in place (this rank's shard is flat.chunk(size)[rank]);
+// gradient buckets reduce to a root rank, reduce-scatter into `shard` or
+// all-reduce. Only kBroadcast and kReduce read the bucket's root.
+enum class Collective {
+  kBroadcast,
+  kAllGather,
+  kReduce,
+  kReduceScatter,
+  kAllReduce
+};
 
-struct Bucket {
+// A parameter bucket: copy-in -> broadcast / all-gather -> copy-out.
+struct ParamBucket {
   at::Tensor flat;                  // persistent, owned: never recycled
-  at::Tensor shard;                 // grad buckets, reduce-scatter output
   std::vector<at::Tensor> copy_in;  // copied into `flat` before the collective
   FlatLayout in_layout;
   std::vector<at::Tensor> copy_out;  // copied out of `flat` after it
   FlatLayout out_layout;
-  int root = kAllGather;
+  Collective op = Collective::kAllGather;
+  int root = -1;  // kBroadcast: the rank it is broadcast from
+  std::string label;
+  std::shared_ptr<Event> done;  // null until first launched
+};
+
+// A gradient bucket: gradients copied in (in_layout) -> reduce /
+// reduce-scatter / all-reduce.
+struct GradBucket {
+  at::Tensor flat;   // persistent, owned: never recycled
+  at::Tensor shard;  // kReduceScatter's output (may be flat's own slice)
+  FlatLayout in_layout;
+  Collective op = Collective::kReduceScatter;
+  int root = -1;  // kReduce: the rank it is reduced to
   std::string label;
   std::shared_ptr<Event> done;  // null until first launched
 };
@@ -47,11 +66,13 @@ class SyncScheduler {
                            std::vector<int64_t> in_offsets,
                            std::vector<at::Tensor> copy_out,
                            std::vector<int64_t> out_offsets, int root,
-                           std::string label);
+                           std::string label,
+                           Collective op = Collective::kBroadcast);
   int64_t add_grad_bucket(at::Tensor flat, at::Tensor shard,
                           std::vector<int64_t> offsets,
                           std::vector<int64_t> numels, int root,
-                          std::string label);
+                          std::string label,
+                          Collective op = Collective::kReduce);
 
   // Enqueue the parameter sync of `order` (bucket ids, forward order).
   void launch(const std::vector<int64_t>& order);
@@ -104,7 +125,8 @@ class SyncScheduler {
                                         std::function<void()> fn);
 
   std::shared_ptr<Communicator> comm_;
-  std::vector<std::shared_ptr<Bucket>> params_, grads_;
+  std::vector<std::shared_ptr<ParamBucket>> params_;
+  std::vector<std::shared_ptr<GradBucket>> grads_;
   std::shared_ptr<Event> last_;
   Millis timeout_;
   std::mutex mu_;

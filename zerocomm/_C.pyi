@@ -3,9 +3,13 @@ from typing import Any, Sequence
 
 import torch
 
-ALL_GATHER: int  # a param bucket's root: in-place all-gather of shards
-REDUCE_SCATTER: int  # a grad bucket's root: reduce-scatter into the shard
-ALL_REDUCE: int  # a grad bucket's root: all-reduce
+class Collective:  # a bucket's collective; only BROADCAST and REDUCE read its root
+    BROADCAST: Collective
+    ALL_GATHER: Collective
+    REDUCE: Collective
+    REDUCE_SCATTER: Collective
+    ALL_REDUCE: Collective
+
 GLOO_BROADCAST_GATHER_MAX: int  # up to this many ranks the gloo all-gather is in-place broadcasts
 
 def build_info() -> dict[str, Any]: ...
@@ -59,9 +63,17 @@ class SyncScheduler:
         out_offsets: list[int],
         root: int,
         label: str,
+        collective: Collective = ...,
     ) -> int: ...
     def add_grad_bucket(
-        self, flat: torch.Tensor, shard: torch.Tensor, offsets: list[int], numels: list[int], root: int, label: str
+        self,
+        flat: torch.Tensor,
+        shard: torch.Tensor,
+        offsets: list[int],
+        numels: list[int],
+        root: int,
+        label: str,
+        collective: Collective = ...,
     ) -> int: ...
     def launch(self, order: list[int]) -> None: ...
     def wait_param(self, bucket: int) -> None: ...

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import optimizer_state
+from . import __version__, optimizer_state
 from .blocks import BlocksArg
 from .optimizer import ZeroOptimizer
 from .param_sync import ParamSync, plan_units
@@ -34,7 +34,7 @@ def attach(
     transport: str | SimulatedTransport = "auto",
     timeout: float | None = None,
     high_priority: bool = False,
-    zero_copy: bool = False,
+    zero_copy: bool | None = None,
     **optimizer_options: Any,
 ) -> ParamSync | ZeroOptimizer:
     """Shard `optimizer` (ZeRO-1) over `group` and overlap the parameter sync
@@ -43,6 +43,8 @@ def attach(
 
     mode: "broadcast" (any optimizer; whole parameters owned per rank) or
     "allgather" (element-wise optimizers; every bucket split evenly).
+    Parameters become views of zerocomm's sync buffers (`zero_copy` is
+    kept for compatibility and has no effect).
     """
     chunks: list[nn.Module] = (
         list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [cast(nn.Module, model)]
@@ -84,7 +86,10 @@ def attach(
             blocks=blocks,
         )
         fingerprint = plan_fingerprint(
-            [(u.name, u.plan) for u in units], optimizer=type(optimizer).__name__ if optimizer is not None else "none"
+            [(u.name, u.plan) for u in units],
+            optimizer=type(optimizer).__name__ if optimizer is not None else "none",
+            version=__version__,
+            options=f"shard_grads={optimizer_options.get('shard_grads', False)}",
         )
     except Exception as e:  # raised below, after the peers have heard of it
         error = e
@@ -97,12 +102,11 @@ def attach(
         transport=transport,
         timeout_s=timeout_s,
         high_priority=high_priority,
-        zero_copy=zero_copy,
         device=device,
     )
     handle: ParamSync | ZeroOptimizer
     if optimizer is None:
-        handle = sync = ParamSync(chunks, copy_in_params=True, **sync_options)
+        handle = sync = ParamSync(chunks, **sync_options)
     else:
         # attach hands the optimizer its state_dict format: it knows none itself
         handle = ZeroOptimizer(chunks, optimizer, optimizer_state, **sync_options, **optimizer_options)

@@ -23,18 +23,21 @@ class GradState:
     order: list[int]  # fixed launch order, identical on every rank
     pending: list[int]  # params still missing per bucket
     launched: int = 0
-    bucket_of: dict[int, int] = field(default_factory=dict)  # id(param) -> bucket
+    where: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(param) -> (bucket, slot in it)
     fired: set[int] = field(default_factory=set)  # id(param) whose grad was handed over this step
+    had_grad: set[int] = field(default_factory=set)  # id(param) with a gradient this step (released ones too)
+    landed: set[int] = field(default_factory=set)  # id(param) moved into its bucket since the last step
 
 
 class GradPath:
     """Owns the gradient hooks, the per-step reduction state and the checks
-    on gradients users touch ([Note: gradient ownership], [Note: DDP-wrapped
-    models] in docs/design.md)."""
+    on gradients users touch ([Note: gradient ownership], [Note: gradient
+    views], [Note: DDP-wrapped models] in docs/design.md)."""
 
     def __init__(self, units: list[SyncUnit], buffers: ShardBuffers, average_grads: bool) -> None:
         self.units = units
         self.buffers = buffers
+        self.modes = buffers.modes
         self.average_grads = average_grads
         self.sync_grads = True  # False inside no_sync(): backward only accumulates
         self.ddp: nn.Module | None = None  # the DDP wrapper whose all-reduce made this step's grads
@@ -43,6 +46,11 @@ class GradPath:
         self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s) for u in units]
         self._handles: list[Any] = []
         self._states = [self._arm(ui, u) for ui, u in enumerate(units)]
+        self._in_flight = False  # reductions launched and not yet waited for
+        self._backward_open = False  # ZeRO-2: the end-of-backward flush is queued
+        # [Note: gradient views] after a step the buckets hold the reduction's
+        # result; a backward into them without zero_grad() would add to it
+        self._stale: dict[int, tuple[torch.Tensor, int]] = {}  # id(grad flat) -> (flat, version at step end)
 
     def _arm(self, ui: int, u: SyncUnit) -> GradState:
         # Backward produces grads roughly in reverse forward order; the order
@@ -50,17 +58,31 @@ class GradPath:
         plan = u.plan
         st = GradState(order=list(reversed(range(len(plan.buckets)))), pending=[len(b.params) for b in plan.buckets])
         for b in plan.buckets:
-            for i in b.params:
+            for k, i in enumerate(b.params):
                 p = plan.params[i].param
-                st.bucket_of[id(p)] = b.index
+                st.where[id(p)] = (b.index, k)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(ui, plan.params[i].name)))
         return st
 
     def _hook(self, ui: int, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            if not self.sync_grads or self.ddp is not None:
-                return  # accumulating, or DDP reduces: [Note: DDP-wrapped models]
-            st = self._states[ui]
+            if self.ddp is not None:
+                return  # DDP reduces: [Note: DDP-wrapped models]
+            st, mode = self._states[ui], self.modes[ui]
+            b, k = st.where[id(p)]
+            rec = self.units[ui].buckets[b]
+            if mode.keeps_grads:
+                if id(p) not in st.landed:
+                    self._check_fresh(rec, k, p, name)
+                    mode.land(rec, k, p)
+                    st.landed.add(id(p))
+                if not self.sync_grads:
+                    return  # accumulating: backward adds into the bucket in place
+            elif not self._backward_open:
+                # ZeRO-2: every backward reduces each bucket once, also inside
+                # no_sync(); the rest are flushed when this backward ends
+                self._backward_open = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             if id(p) in st.fired:
                 # Its bucket may already be reduced (read on the comm stream):
                 # the grad added now would silently be left out of the step.
@@ -70,54 +92,106 @@ class GradPath:
                     "every backward but the last inside zopt.no_sync()"
                 )
             st.fired.add(id(p))
-            st.pending[st.bucket_of[id(p)]] -= 1
+            st.had_grad.add(id(p))
+            st.pending[b] -= 1
             self._launch_ready(ui, flush=False)
 
         return hook
 
+    def _check_fresh(self, rec: Any, k: int, p: torch.Tensor, name: str) -> None:
+        """Backward accumulated into a gradient view still holding the last
+        step's reduction (no zero_grad between the steps): plain torch would
+        add to the old gradient, which zerocomm no longer has."""
+        if rec.grad_flat is None or p.grad is not rec.grad_views[k]:
+            return
+        stale = self._stale.get(id(rec.grad_flat))
+        if stale is not None:
+            raise RuntimeError(
+                f"zerocomm: backward accumulated into the gradient of {name!r} left from the last "
+                "step, whose buffer zerocomm's reduction has overwritten; call zopt.zero_grad() "
+                "after every step (to accumulate gradients over micro-batches, use zopt.no_sync())"
+            )
+
+    def _end_backward(self) -> None:
+        """ZeRO-2: the end of a backward: flush every bucket not reduced in
+        it, then re-arm the counters for the next backward."""
+        self._backward_open = False
+        for ui, st in enumerate(self._states):
+            if self.modes[ui].keeps_grads:
+                continue
+            self._launch_ready(ui, flush=True)
+            st.launched = 0
+            st.pending = [len(b.params) for b in self.units[ui].plan.buckets]
+            st.fired.clear()
+
     def _launch_ready(self, ui: int, flush: bool) -> None:
-        u, st = self.units[ui], self._states[ui]
+        u, st, mode = self.units[ui], self._states[ui], self.modes[ui]
         while st.launched < len(st.order):
             b = st.order[st.launched]
             if st.pending[b] > 0 and not flush:
                 return
-            grads = []
-            for i in u.plan.buckets[b].params:
-                spec = u.plan.params[i]
-                self._watch.record(spec.name, spec.param)
-                g = spec.param.grad
-                grads.append(g.detach() if g is not None else torch.zeros_like(spec.param))
-            u.sched.reduce_grads(b, grads, self.average_grads)
+            mode.hand_over(u.buckets[b], st.fired, self._watch.record)
+            self._in_flight = True
             st.launched += 1
 
     def note_forward(self, module: nn.Module, args: object) -> None:
-        """Forward pre-hook on each model chunk: does this forward run inside DDP?"""
+        """Forward pre-hook on each model chunk: does this forward run inside
+        DDP? Also orders a reduction left running by a step that never came
+        before backward writes into its bucket again, and forgets the stale
+        mark of a bucket the user has written since (zeroed it)."""
         ddp = guards.active_ddp(module)
         if ddp is not None and ddp is not self.ddp:
             guards.check_ddp(ddp, [u.group for u in self.units], self.average_grads)
         self.ddp = ddp
+        if self._in_flight and self.has_grad is None and not any(st.launched for st in self._states):
+            self._wait_all()
+        if self._stale:
+            self._stale = {key: (f, v) for key, (f, v) in self._stale.items() if f._version == v}
+
+    def _wait_all(self) -> None:
+        for u in self.units:  # first: a dead peer is reported as the failed reduction it is
+            for rec in u.buckets:
+                u.sched.wait_grad(rec.grad_id)
+        self._in_flight = False
 
     def finish(self) -> list[list[bool]]:
         """Launch what backward has not, make the compute stream wait, and
         agree across ranks which parameters have a gradient this step."""
         if self.has_grad is not None:
             return self.has_grad
-        local = [[s.param.grad is not None for s in u.plan.params] for u in self.units]
+        local = [
+            [s.param.grad is not None or id(s.param) in st.had_grad for s in u.plan.params]
+            for u, st in zip(self.units, self._states)
+        ]
         if self.ddp is not None:
-            for ui in range(len(self.units)):
-                self.buffers.take_local_grads(ui)
+            for u, mode in zip(self.units, self.modes):
+                for rec in u.buckets:
+                    mode.take_local(rec)
             self.has_grad = local  # DDP's all-reduce already made them agree
             return local
         for ui in range(len(self.units)):
-            self._launch_ready(ui, flush=True)
+            if self.modes[ui].keeps_grads or not any(self._states[ui].had_grad):
+                self._launch_ready(ui, flush=True)
         # the presence vote travels while the last reductions finish
         votes = [pres.start(flags) for pres, flags in zip(self._presence, local)]
-        for u in self.units:  # first: a dead peer is reported as the failed reduction it is
-            for b in range(len(u.plan.buckets)):
-                u.sched.wait_grad(b)
+        self._wait_all()
+        for mode in self.modes:
+            mode.after_wait()
         self.has_grad = [v.result() for v in votes]
         self._watch.check()
         return self.has_grad
+
+    def mark_stale(self) -> None:
+        """After a step: the gradient views hold the reduction's result."""
+        self._stale = {}
+        for u, mode in zip(self.units, self.modes):
+            if mode.keeps_grads:
+                for rec in u.buckets:
+                    if rec.grad_flat is not None:
+                        self._stale[id(rec.grad_flat)] = (rec.grad_flat, rec.grad_flat._version)
+
+    def clear_stale(self) -> None:
+        self._stale = {}
 
     def reset(self) -> None:
         """Re-arm the bucket counters for the next step."""
@@ -125,6 +199,10 @@ class GradPath:
             st.launched = 0
             st.pending = [len(b.params) for b in u.plan.buckets]
             st.fired.clear()
+            st.had_grad.clear()
+            st.landed.clear()
+        for mode in self.modes:
+            mode.new_step()
         self._watch.clear()
         self.has_grad = None
 

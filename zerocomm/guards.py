@@ -14,15 +14,15 @@ writes between steps]).
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .transport import private_gloo
 
 CLIP_HINT = (
     "clip with zopt.clip_grad_norm_(max_norm) (the true global norm), or wrap the model in "
@@ -35,26 +35,29 @@ CLIP_HINT = (
 class _Handed:
     name: str
     param: torch.Tensor
-    grad: torch.Tensor
+    grad: torch.Tensor | None  # None: zerocomm released it (ZeRO-2)
     version: int
 
 
 @dataclass
 class GradWatch:
-    """Remembers each gradient as it was handed to the reduction (which
-    copied it: [Note: gradient ownership]); an edit after that would be
-    silently left out of the step, so `check()` raises instead."""
+    """Remembers each gradient as it was handed to the reduction ([Note:
+    gradient ownership]); an edit after that would be silently left out of
+    the step, so `check()` raises instead. zerocomm's own writes to the
+    bucket go through an alias with a version counter of its own ([Note:
+    gradient views]), so only the user's edits count."""
 
     handed: list[_Handed] = field(default_factory=list)
 
-    def record(self, name: str, p: torch.Tensor) -> None:
-        if p.grad is not None:
-            self.handed.append(_Handed(name, p, p.grad, p.grad._version))
+    def record(self, name: str, p: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """`grad`: what p.grad is from now on (None once zerocomm released it)."""
+        if grad is not None or p.grad is None:
+            self.handed.append(_Handed(name, p, grad, grad._version if grad is not None else 0))
 
     def check(self) -> None:
         for h in self.handed:
             g = h.param.grad
-            if g is h.grad and g._version == h.version:
+            if g is h.grad and (g is None or g._version == h.version):
                 continue
             what = "set to None or replaced" if g is not h.grad else "modified in place"
             raise RuntimeError(
@@ -87,7 +90,7 @@ class PresenceVote:
                 f"gradient reduction, before the step) failed: {e}"
             ) from e
         assert self.flags is not None
-        return self.flags.bool().tolist()
+        return [x != 0 for x in self.flags.tolist()]
 
 
 class GradPresence:
@@ -97,19 +100,19 @@ class GradPresence:
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, timeout_s: float) -> None:
         self.backend: Any = None  # a ProcessGroupGloo backend
+        self._flags: torch.Tensor | None = None  # reused every step: nothing allocated per step
         if world_size > 1:
-            rank = dist.get_rank(group)
-            box = [f"zerocomm-presence/{uuid.uuid4().hex}" if rank == 0 else None]
-            dist.broadcast_object_list(box, group=group, group_src=0)
-            store = dist.PrefixStore(str(box[0]), dist.distributed_c10d._get_default_store())
-            self.backend = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+            self.backend = private_gloo(group, "zerocomm-presence", timeout_s)
 
     def start(self, local: list[bool]) -> PresenceVote:
         """Issue the OR over the ranks (asynchronously: the caller waits for
         its reductions meanwhile); `PresenceVote.result()` waits for it."""
         if self.backend is None or not local:
             return PresenceVote(local, None, None)
-        flags = torch.tensor(local, dtype=torch.uint8)
+        if self._flags is None or self._flags.numel() != len(local):
+            self._flags = torch.zeros(len(local), dtype=torch.uint8)
+        flags = self._flags
+        flags.numpy()[:] = local  # host memory, written without a torch op
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         return PresenceVote(local, flags, self.backend.allreduce([flags], opts))

@@ -18,9 +18,9 @@ from . import guards
 from .grad_path import GradPath
 from .param_sync import ParamSync
 from .plan import Plan
-from .shard_buffers import LocalParam, ShardBuffers
+from .shard_buffers import LocalParam, ModeContext, ShardBuffers
 from .shards import ShardPiece, StateFormat
-from .validate import all_params, check_elementwise
+from .validate import all_params, is_elementwise
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -29,7 +29,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     load_state_dict) while holding only this rank's shard of its state."""
 
     # The attach() options this class takes (validate.check_options refuses others).
-    OPTIONS = frozenset({"master_dtype", "average_grads", "elementwise", "pipeline_step"})
+    OPTIONS = frozenset({"master_dtype", "average_grads", "elementwise", "pipeline_step", "shard_grads"})
 
     def __init__(
         self,
@@ -41,17 +41,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         average_grads: bool = True,
         elementwise: bool | None = None,
         pipeline_step: bool | None = None,
+        shard_grads: bool = False,
         **sync_options: Any,
     ) -> None:
         mode = sync_options["mode"]
         name = type(optimizer).__name__
-        is_elementwise = check_elementwise(optimizer, mode, elementwise)  # master_dtype: check_options
         self.mode = mode
+        self.shard_grads = shard_grads
         # Step bucket by bucket in forward order, launching each bucket's sync
         # as soon as its shard is stepped: the first blocks' parameters are on
         # their way while later shards still step. Needs an optimizer whose
         # update of one tensor ignores the others, which element-wise ones are.
-        self.pipeline_step = is_elementwise if pipeline_step is None else pipeline_step
+        # (attach checked the options: validate.check_options)
+        self.pipeline_step = is_elementwise(optimizer, elementwise) if pipeline_step is None else pipeline_step
         self.average_grads = average_grads
         self.master_dtype = master_dtype
         self._user_optimizer = optimizer
@@ -65,8 +67,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self._index[id(p)] = len(self._user_params)
                     self._group_of[id(p)] = gi
                     self._user_params.append(p)
-        copy_in = mode == "broadcast"
-        self.sync = ParamSync(chunks, copy_in_params=copy_in, **sync_options)
+        self.sync = ParamSync(chunks, **sync_options)
         self.units = self.sync.units
         self.device = sync_options["device"]
         # [Note: user writes between steps]: what the user may change between
@@ -80,10 +81,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             (names.get(id(p), f"param {i}"), p) for i, p in enumerate(self._user_params) if id(p) not in planned
         ]
         self._versions: list[int] = []
-        self._groups_for: dict[tuple[int, int], list[tuple[int, int]]] = {}  # see _step_groups
+        self._groups: list[list[tuple[int, int]]] = []  # see _step_groups
         self._grads_bound = False
         self._hooks: list[Any] = []
-        self.buffers = ShardBuffers(self.units, self._index, self._group_of, master_dtype, self.device)
+        ctx = ModeContext(self._index, self._group_of, master_dtype, self.device, average_grads)
+        self.buffers = ShardBuffers(self.units, ctx, shard_grads)
         self._locals: list[LocalParam] = self.buffers.locals()
         self.grads = GradPath(self.units, self.buffers, average_grads)
         self.optim = self._build_local_optimizer(optimizer)
@@ -215,19 +217,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "loss yourself and pass the inverse to zopt.clip_grad_norm_"
             )
         guards.check_trainable(self._unplanned)
-        moved = self.sync.rebind_moved_params()
-        if moved or self._versions_changed():
-            self.refresh_masters()  # take up writes made outside zerocomm since the last step
-        self._bind_grads()
-        if self.pipeline_step:
-            self.sync.launch(before_bucket=self._step_bucket)
-        else:
-            self.optim.step()
-            for ui, u in enumerate(self.units):
-                for b in range(len(u.plan.buckets)):
-                    self.buffers.write_back(ui, b)
-            self.sync.launch()
+        with self.sync.launching() as launch:  # checks the parameter bindings first
+            if launch.moved or self._versions_changed():
+                self.refresh_masters()  # take up writes made outside zerocomm since the last step
+            self._bind_grads()
+            if self.pipeline_step:
+                for group in self._step_groups():
+                    self._step_group(group)
+                    launch(group)
+            else:
+                self.optim.step()
+                for ui, u in enumerate(self.units):
+                    for b in range(len(u.buckets)):
+                        self.buffers.write_back(ui, b)
+                launch(self.sync.sequence)
         self._reset_grad_state()
+        self.grads.mark_stale()
         self._record_versions()
         return loss
 
@@ -249,14 +254,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         step would silently undo the write (allgather mode, master_dtype)."""
         return any(p._version != v for p, v in zip(self._plan_params(), self._versions))
 
-    def _step_bucket(self, ui: int, b: int) -> None:
-        """Called by launch() just before bucket (ui, b) is enqueued: step the
-        local tensors of the step group that starts there ([Note: pipelined
-        step] in docs/design.md), then write them back."""
-        group = self._step_groups().get((ui, b))
-        if group is None:
-            return  # stepped with an earlier bucket of its group
-        lps = [lp for uj, bj in group for lp in self.buffers.buckets[uj][bj].locals]
+    def _step_group(self, group: list[tuple[int, int]]) -> None:
+        """Step the local tensors of one step group ([Note: pipelined step]
+        in docs/design.md), then write them back."""
+        lps = [lp for uj, bj in group for lp in self.units[uj].buckets[bj].locals]
         if lps:
             keep = {id(lp.tensor) for lp in lps}
             saved = [g["params"] for g in self.optim.param_groups]
@@ -270,19 +271,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for uj, bj in group:
             self.buffers.write_back(uj, bj)
 
-    def _step_groups(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
-        """First bucket of each step group -> the group's buckets, in launch
-        order: 1, 2, 4, ... buckets, so the first sync starts after one bucket
-        is stepped while the number of optimizer.step() calls (each with a
-        fixed cost in Python) stays logarithmic in the number of buckets."""
+    def _step_groups(self) -> list[list[tuple[int, int]]]:
+        """The buckets in launch order, in groups of 1, 2, 4, ... buckets, so
+        the first sync starts after one bucket is stepped while the number of
+        optimizer.step() calls (each with a fixed cost in Python) stays
+        logarithmic in the number of buckets."""
         seq = self.sync.sequence
-        if len(self._groups_for) != len(seq):
-            self._groups_for = {}
+        if sum(len(g) for g in self._groups) != len(seq):
+            self._groups = []
             at, size = 0, 1
             while at < len(seq):
-                self._groups_for[seq[at]] = seq[at : at + size]
+                self._groups.append(seq[at : at + size])
                 at, size = at + size, 2 * size
-        return self._groups_for
+        return self._groups
 
     def _reset_grad_state(self) -> None:
         """Unbind the reduction buffers from the local tensors (a model
@@ -292,14 +293,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._grads_bound = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's: p.grad becomes None, or (set_to_none=False) zero in
+        place (then it stays a view of zerocomm's gradient bucket)."""
         self._reset_grad_state()
+        self.grads.clear_stale()
         for p in self._user_params:
             if p.grad is None:
                 continue
             if set_to_none:
                 p.grad = None
             else:
-                p.grad.detach_()
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
                 p.grad.zero_()
 
     def synchronize(self) -> None:
@@ -366,8 +373,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self.units[0].transport.world_size
 
     def buffer_bytes(self) -> int:
-        """Bytes of zerocomm's own buffers on this rank: parameter flats,
-        gradient flats and gradient shards."""
+        """Bytes of zerocomm's own buffers on this rank: parameter flats (the
+        parameters themselves: they are views of them), gradient buffers,
+        kept gradient shards and master copies."""
         flats = sum(f.numel() * f.element_size() for u in self.units for f in u.flats)
         return flats + self.buffers.nbytes()
 
@@ -376,7 +384,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             h.remove()
         self._hooks.clear()
         self.grads.close()
-        self.sync.close()
+        self.sync.close()  # waits for every outstanding sync and reduction first
+        self.buffers.release_grads()
 
     @property
     def plan(self) -> Plan:
@@ -417,4 +426,5 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._state_format.load_consolidated_state_dict(self, state_dict)
 
     def __repr__(self) -> str:
-        return f"ZeroOptimizer(mode={self.mode}, optimizer={type(self.optim).__name__}, units={len(self.units)})"
+        zero2 = ", shard_grads=True" if self.shard_grads else ""
+        return f"ZeroOptimizer(mode={self.mode}{zero2}, optimizer={type(self.optim).__name__}, units={len(self.units)})"

@@ -48,7 +48,8 @@ def consolidated_state_dict(zopt: ShardedOptimizer, to_rank: int | None = None) 
             p = zopt.user_params[idx]
             full = state.setdefault(idx, {})
             for k, v in entry.items():
-                if torch.is_tensor(v) and v.dim() > 0 and zopt.mode == "allgather":
+                # per-element state of a piece (a whole parameter is the piece [0, numel))
+                if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numel and numel < p.numel():
                     buf = full.get(k)
                     if buf is None:
                         buf = full[k] = torch.zeros(p.numel(), dtype=v.dtype)

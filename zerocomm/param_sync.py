@@ -4,8 +4,9 @@ the next forward pass already runs (docs/design.md, "Data flow of one step")."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,23 @@ def _slots(chunks: list[nn.Module], units: list[SyncUnit]) -> list[_Slot]:
     return out
 
 
+@dataclass
+class Launch:
+    """The launch in progress (see `ParamSync.launching`)."""
+
+    sync: "ParamSync"
+    moved: list[str]  # parameters rebound since the last step, put back
+    enqueued: list[Wait] = field(default_factory=list)
+
+    def __call__(self, buckets: list[tuple[int, int]]) -> None:
+        """Enqueue the sync of these (unit, bucket)s now."""
+        for ui, b in buckets:
+            u = self.sync.units[ui]
+            pid = u.buckets[b].param_id
+            u.sched.launch([pid])
+            self.enqueued.append((u.sched, pid))
+
+
 class ParamSync:
     """Handle returned by `zerocomm.attach(model)` (no optimizer).
 
@@ -59,8 +77,6 @@ class ParamSync:
         transport: str | SimulatedTransport,
         timeout_s: float,
         high_priority: bool,
-        zero_copy: bool,
-        copy_in_params: bool,
         device: torch.device,
     ) -> None:
         self.chunks = chunks
@@ -71,18 +87,17 @@ class ParamSync:
         self._launched = False
         self._first_calls: list[nn.Module] = []
         self.attached_to: list[nn.Module] = []  # models attach() marked with this handle
-        self._bindings_checked = False  # rebind_moved_params ran since the last launch
         self._sequence: list[tuple[int, int]] = []  # (unit, bucket) launch order, from the first launch
         for name, grp, plan in units:  # planned once, by attach (see plan_units)
             t = open_transport(grp, device, transport, timeout_s, high_priority)
             assert t.world_size == plan.world_size, (name, t.world_size, plan.world_size)
-            unit = build_unit(name, plan, t, device, zero_copy, copy_in_params)
+            unit = build_unit(name, plan, t, device)
             unit.group = grp
             self.units.append(unit)
         waits: dict[nn.Module, list[Wait]] = {}
         for u in self.units:
             for blk, buckets in zip(u.plan.blocks, u.plan.block_buckets):
-                waits.setdefault(blk.module, []).extend((u.sched, b) for b in buckets)
+                waits.setdefault(blk.module, []).extend((u.sched, u.buckets[b].param_id) for b in buckets)
         roots: dict[nn.Module, set[Wait]] = {}
         for chunk in chunks:
             inside = {id(m) for m in chunk.modules()}
@@ -108,28 +123,31 @@ class ParamSync:
         the first forward at the first launch (empty before it)."""
         return list(self._sequence)
 
-    def launch(self, before_bucket: Callable[[int, int], None] | None = None) -> None:
+    def launch(self) -> None:
         """Enqueue the sync of every bucket, in forward order, after the work
-        the compute stream has queued so far (the optimizer step).
+        the compute stream has queued so far (the optimizer step)."""
+        with self.launching() as launch:
+            launch(self._sequence)
 
-        `before_bucket(unit, bucket)`, if given, runs just before each
-        bucket is enqueued: the sharded optimizer steps that bucket's shard
-        there, so its sync starts while later buckets are still stepping."""
+    @contextlib.contextmanager
+    def launching(self) -> Iterator["Launch"]:
+        """One step's launch, in parts: on entry the parameter bindings are
+        checked (`Launch.moved`: the names put back) and the launch order
+        is learnt; `launch(buckets)` enqueues those (unit, bucket) syncs
+        now; on exit the forward hooks wait for everything enqueued. The
+        sharded optimizer steps its shard in groups inside, enqueuing each
+        group's syncs as soon as it is stepped ([Note: pipelined step])."""
         self._check_open()
-        if not self._bindings_checked:  # the sharded optimizer checked them before its step
-            self.rebind_moved_params()
-        self._bindings_checked = False
+        moved = self.rebind_moved_params()
         if not self._launched:
             self._learn_forward_order()
             self._launched = True
-        launched: list[Wait] = []
-        for ui, b in self._sequence:
-            u = self.units[ui]
-            if before_bucket is not None:
-                before_bucket(ui, b)
-            u.sched.launch([b])
-            launched.append((u.sched, b))
-        self.hooks.arm(launched)
+        launch = Launch(self, moved)
+        try:
+            yield launch
+        finally:
+            if launch.enqueued:
+                self.hooks.arm(launch.enqueued)
 
     def rebind_moved_params(self) -> list[str]:
         """[Note: user writes between steps] A parameter whose `.data` was
@@ -171,7 +189,6 @@ class ParamSync:
                 p, bound = u.plan.params[i].param, u.bound[i]
                 bound.copy_(p.detach())
                 p.data = bound
-        self._bindings_checked = True
         return [u.plan.params[i].name for u, i in moved]
 
     def synchronize(self) -> None:
@@ -223,7 +240,7 @@ class ParamSync:
             flat_ptrs = {f.untyped_storage().data_ptr() for f in u.flats}
             for p in (s.param for s in u.plan.params):
                 if p.data.untyped_storage().data_ptr() in flat_ptrs:
-                    p.data = p.data.clone()  # detach zero-copy views from the buffer
+                    p.data = p.data.clone()  # the parameters leave the buffers, which are freed
         for u in self.units:
             release(u)
         self.units = []

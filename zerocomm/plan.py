@@ -10,7 +10,7 @@ to agree without talking to each other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, cast
+from typing import Callable, NamedTuple, Sequence, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from .blocks import BlocksArg, Chunks, as_chunks, chunk_prefix, discover
 from .partition import PARTITIONS, balanced_partition, greedy_partition
 
-MODES = ("broadcast", "allgather")
+MODES = ("broadcast", "allgather")  # the keys of LAYOUTS
 _MIB = 1 << 20  # bucket_mb counts MiB, like DDP's bucket_cap_mb
 
 
@@ -142,7 +142,7 @@ class Plan:
         """Ranks whose data block b needs before it can run."""
         if not self.blocks[b].params:
             return []
-        if self.mode == "allgather":
+        if not LAYOUTS[self.mode].owned:
             return list(range(self.world_size))
         return sorted({self.owner[i] for i in self.blocks[b].params})
 
@@ -160,7 +160,7 @@ class Plan:
             shared = any(self.params[i].block != b for i in blk.params)
             tied |= shared
             ranks = self.block_ranks(b)
-            ranks_s = "all" if self.mode == "allgather" else _ranges(ranks)
+            ranks_s = _ranges(ranks) if LAYOUTS[self.mode].owned else "all"
             rows.append(
                 (str(b), blk.name + (" *" if shared else ""), f"{owned:,}", ranks_s, _ranges(self.block_buckets[b]))
             )
@@ -233,6 +233,71 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(parts)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a mode means for the plan: whole parameters per owner rank
+    (`owned`, broadcast) or every bucket split evenly over the ranks."""
+
+    owned: bool
+
+
+LAYOUTS = {"broadcast": Layout(owned=True), "allgather": Layout(owned=False)}
+
+
+def broadcast_groups(owner: list[int], slot_bytes: list[int], dtypes: Sequence[object], cap: float) -> list[list[int]]:
+    """Buckets of broadcast mode, as runs of parameter indices: one launch
+    per run of a rank's consecutive parameters of one dtype, up to `cap`
+    bytes. Pure: benchmarks/scale_model.py plans models of any size with it."""
+    groups: list[list[int]] = []
+    cur = 0
+    for i, nb in enumerate(slot_bytes):
+        last = groups[-1][-1] if groups else None
+        if last is not None and owner[last] == owner[i] and dtypes[last] == dtypes[i] and cur + nb <= cap:
+            groups[-1].append(i)
+            cur += nb
+        else:
+            groups.append([i])
+            cur = nb
+    return groups
+
+
+def allgather_groups(
+    block_params: list[list[int]], slot_bytes: list[int], dtypes: Sequence[object], cap: float
+) -> list[list[int]]:
+    """Buckets of allgather mode, as runs of parameter indices: consecutive
+    blocks (each the parameters it owns, in order) share a bucket up to
+    `cap` bytes; a block is split where its dtype changes, and a block bigger
+    than the cap is cut at parameter boundaries ([Note: bucket size])."""
+    groups: list[list[int]] = []
+    cur = 0
+    for owned in block_params:
+        segs: list[list[int]] = []
+        for i in owned:
+            if segs and dtypes[segs[-1][-1]] == dtypes[i]:
+                segs[-1].append(i)
+            else:
+                segs.append([i])
+        for seg in segs:
+            seg_bytes = sum(slot_bytes[i] for i in seg)
+            same = bool(groups) and dtypes[groups[-1][-1]] == dtypes[seg[0]]
+            if same and cur + seg_bytes <= cap:
+                groups[-1].extend(seg)
+                cur += seg_bytes
+            elif seg_bytes <= cap:
+                groups.append(list(seg))
+                cur = seg_bytes
+            else:
+                for i in seg:
+                    if same and cur + slot_bytes[i] <= cap:
+                        groups[-1].append(i)
+                        cur += slot_bytes[i]
+                    else:
+                        groups.append([i])
+                        cur = slot_bytes[i]
+                    same = True
+    return groups
+
+
 def build_plan(
     chunks: Chunks,
     *,
@@ -253,6 +318,31 @@ def build_plan(
     check_plan_options(
         mode=mode, partition=partition, bucket_mb=bucket_mb, align_bytes=align_bytes, world_size=world_size
     )
+    return plan_model(
+        chunks,
+        mode=mode,
+        world_size=world_size,
+        partition=partition,
+        bucket_mb=bucket_mb,
+        align_bytes=align_bytes,
+        blocks=blocks,
+        param_filter=param_filter,
+    )
+
+
+def plan_model(
+    chunks: Chunks,
+    *,
+    mode: str,
+    world_size: int,
+    partition: str,
+    bucket_mb: float,
+    align_bytes: int,
+    blocks: BlocksArg,
+    param_filter: Callable[[str, nn.Parameter], bool] | None,
+) -> Plan:
+    """`build_plan` for options already checked (attach checked them:
+    validate.check_options runs `check_plan_options` once)."""
     chunk_list = as_chunks(chunks)
     raw = discover(chunk_list, blocks)
 
@@ -288,60 +378,20 @@ def build_plan(
     slot_bytes = [
         _round_up(p.numel, max(1, align_bytes // _element_size(p.dtype))) * _element_size(p.dtype) for p in params
     ]
-    groups: list[list[int]] = []
-    if mode == "broadcast":
+    dtypes = [p.dtype for p in params]
+    layout = LAYOUTS[mode]
+    if layout.owned:
         weights = [p.numel for p in params]
         fn = balanced_partition if partition == "balanced" else greedy_partition
         owner = fn(weights, world_size)
-        cur_bytes = 0
-        for i, spec in enumerate(params):
-            # one launch per run of a rank's consecutive params of one dtype, up to the cap
-            if (
-                groups
-                and owner[groups[-1][-1]] == owner[i]
-                and params[groups[-1][-1]].dtype == spec.dtype
-                and cur_bytes + slot_bytes[i] <= cap
-            ):
-                groups[-1].append(i)
-                cur_bytes += slot_bytes[i]
-            else:
-                groups.append([i])
-                cur_bytes = slot_bytes[i]
+        groups = broadcast_groups(owner, slot_bytes, dtypes, cap)
         rank_numel = [0] * world_size
         for w, r in zip(weights, owner):
             rank_numel[r] += w
     else:
         owner = [-1] * len(params)
-        cur_bytes = 0
-        for b, blk in enumerate(block_specs):
-            owned = [i for i in blk.params if params[i].block == b]
-            # a block is split only where its dtype changes (each bucket has one dtype)
-            segs: list[list[int]] = []
-            for i in owned:
-                if segs and params[segs[-1][-1]].dtype == params[i].dtype:
-                    segs[-1].append(i)
-                else:
-                    segs.append([i])
-            for seg in segs:
-                seg_bytes = sum(slot_bytes[i] for i in seg)
-                same = bool(groups) and params[groups[-1][-1]].dtype == params[seg[0]].dtype
-                if same and cur_bytes + seg_bytes <= cap:
-                    groups[-1].extend(seg)
-                    cur_bytes += seg_bytes
-                elif seg_bytes <= cap:
-                    groups.append(list(seg))
-                    cur_bytes = seg_bytes
-                else:
-                    # [Note: bucket size] A block bigger than the cap is cut at
-                    # parameter boundaries into buckets of at most the cap.
-                    for i in seg:
-                        if same and cur_bytes + slot_bytes[i] <= cap:
-                            groups[-1].append(i)
-                            cur_bytes += slot_bytes[i]
-                        else:
-                            groups.append([i])
-                            cur_bytes = slot_bytes[i]
-                        same = True
+        owned = [[i for i in blk.params if params[i].block == b] for b, blk in enumerate(block_specs)]
+        groups = allgather_groups(owned, slot_bytes, dtypes, cap)
         rank_numel = [0] * world_size  # filled below from the shards
 
     buckets: list[Bucket] = []
@@ -352,16 +402,16 @@ def build_plan(
         for i in g:
             offsets.append(off)
             off += _round_up(params[i].numel, ae)
-        if mode == "allgather":
+        if layout.owned:
+            padded, shard = off, 0
+        else:
             padded = _round_up(off, world_size * ae)  # every shard starts aligned
             shard = padded // world_size
-        else:
-            padded, shard = off, 0
         blks = list(dict.fromkeys(params[i].block for i in g))
         buckets.append(
-            Bucket(k, blks, list(g), None if mode == "allgather" else owner[g[0]], dtype, off, padded, shard, offsets)
+            Bucket(k, blks, list(g), owner[g[0]] if layout.owned else None, dtype, off, padded, shard, offsets)
         )
-    if mode == "allgather":
+    if not layout.owned:
         rank_numel = [sum(b.shard_numel for b in buckets)] * world_size
 
     bucket_of = {i: b.index for b in buckets for i in b.params}

@@ -1,21 +1,37 @@
-"""The sharded optimizer's buffers, with one owner: per unit and bucket, the
-gradient bucket registered with the unit's scheduler, this rank's reduced
-gradient, its master shard, and the tensors the local optimizer steps (views
-of the master where one exists). As in Megatron's param_and_grad_buffer, the
-buffer is the single source of truth and the optimizer's tensors are views,
-so no code walks parallel lists with a position counter."""
+"""The sharded optimizer's side of each bucket record: how a mode keeps,
+reduces and binds one bucket's gradients, which part of it this rank
+steps, and how the stepped values get back to what the sync moves.
+
+Each mode is one class ([Note: one bucket record] in docs/design.md):
+
+- `BroadcastGrads`: whole parameters per owner rank; gradients reduced to
+  the owner, which steps the parameters themselves (or fp32 masters).
+- `AllGatherGrads`: every bucket split evenly; gradients reduce-scattered
+  in place, this rank steps its slice of the parameter flat itself.
+- `ShardedGrads` (ZeRO-2, `shard_grads=True`): as `AllGatherGrads`, but
+  only this rank's reduced slice is kept; the full bucket lives in a small
+  pool of staging buffers while in flight.
+
+Lean by default ([Note: gradient views]): `p.grad` is a view of its
+bucket's gradient buffer, so backward accumulates straight into what the
+reduction reads, the reduce-scatter's output is this rank's slice of that
+buffer, and the local optimizer's gradients are views of it too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from ._ext import _C
-from .param_sync import SyncUnit
+from .plan import Bucket
+from .sync_unit import BucketRecord, SyncUnit, alias
 
-REDUCE_SCATTER = _C.REDUCE_SCATTER  # a grad bucket's root: reduce-scatter instead of reduce-to-owner
+Collective = _C.Collective
+STAGING_SLOTS = 2  # ZeRO-2: full-size gradient buckets in flight per unit and dtype
 
 
 @dataclass
@@ -33,146 +49,444 @@ class LocalParam:
 
 
 @dataclass
-class BucketBuffers:
-    """One gradient bucket of one unit, and what this rank steps of it."""
+class ModeContext:
+    """What every mode needs to build its locals."""
 
-    grad_flat: torch.Tensor  # the bucket's gradients, reduced in place (broadcast mode: on the owner)
-    grad_shard: torch.Tensor | None  # allgather: this rank's reduce-scatter output
-    master: torch.Tensor | None  # allgather: this rank's master slice (the flat shard itself, or a copy)
-    master_lo: int = 0  # where the master's slice starts in the flat buffer
-    locals: list[LocalParam] = field(default_factory=list)
+    index_of: dict[int, int]  # id(param) -> index in the user's optimizer order
+    group_of: dict[int, int]  # id(param) -> the user's param group
+    master_dtype: torch.dtype | None
+    device: torch.device
+    average: bool
+
+
+GradWatchRecord = Callable[[str, torch.Tensor, "torch.Tensor | None"], None]
+
+
+class GradMode:
+    """One unit's gradient buckets in one mode (see the module docstring)."""
+
+    keeps_grads = True  # p.grad stays a view of the bucket after hand-over
+
+    def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
+        self.unit = unit
+        self.ctx = ctx
+        for rec in unit.buckets:
+            self.build(rec)
+
+    # -- construction ---------------------------------------------------------
+    def build(self, rec: BucketRecord) -> None:
+        raise NotImplementedError
+
+    def _grad_buffer(self, rec: BucketRecord) -> torch.Tensor:
+        """A persistent gradient flat with a view per parameter (p.grad's)."""
+        b, plan = rec.spec, self.unit.plan
+        flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=self.ctx.device)
+        rec.grad_flat = flat
+        rec.grad_views = [
+            flat.narrow(0, off, plan.params[i].numel).view(plan.params[i].shape) for i, off in zip(b.params, b.offsets)
+        ]
+        return flat
+
+    def _local(self, rec: BucketRecord, t: torch.Tensor, i: int, start: int, numel: int, at: int) -> LocalParam:
+        p = self.unit.plan.params[i].param
+        return LocalParam(t, self.ctx.index_of[id(p)], start, numel, self.ctx.group_of[id(p)], i, at)
+
+    # -- backward -------------------------------------------------------------
+    def land(self, rec: BucketRecord, k: int, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of the bucket's k-th parameter: its
+        gradient moves into the bucket (once per step: afterwards backward
+        accumulates into the view in place)."""
+        view = rec.grad_views[k]
+        g = p.grad
+        if g is None or g is view:
+            return
+        assert view is not None
+        view.copy_(g)
+        p.grad = view  # autograd's tensor is freed here
+
+    def hand_over(self, rec: BucketRecord, fired: set[int], record: GradWatchRecord) -> None:
+        """Launch the bucket's reduction (every parameter has landed, or the
+        step flushes it). Parameters without a gradient contribute zeros."""
+        plan = self.unit.plan
+        for k, i in enumerate(rec.spec.params):
+            spec = plan.params[i]
+            view = rec.grad_views[k]
+            assert view is not None
+            if spec.param.grad is not view:
+                if spec.param.grad is not None:  # set after its hook fired (or none fired: no_sync edge)
+                    view.copy_(spec.param.grad)
+                    spec.param.grad = view
+                else:
+                    view.zero_()
+        for i in rec.spec.params:  # after the copies: the bucket's views share one version counter
+            spec = plan.params[i]
+            if spec.param.grad is not None:
+                record(spec.name, spec.param, spec.param.grad)
+        self.unit.sched.reduce_grads(rec.grad_id, [], self.ctx.average)
+
+    def after_wait(self) -> None:
+        """Every reduction of the step has been waited for."""
+
+    def new_step(self) -> None:
+        """The step's gradients are done with (step() or zero_grad())."""
+
+    def take_local(self, rec: BucketRecord) -> None:
+        """[Note: DDP-wrapped models] p.grad is already averaged over the
+        ranks: copy this rank's part into the reduced-gradient buffers."""
+        raise NotImplementedError
+
+    # -- step -----------------------------------------------------------------
+    def bind(self, rec: BucketRecord, has_grad: list[bool]) -> None:
+        """Point each local tensor's .grad at its reduced gradient; None
+        where no rank had a gradient (torch's optimizers skip those)."""
+        raise NotImplementedError
+
+    def unbind(self, rec: BucketRecord) -> None:
+        """A model parameter stepped in place gets its own grad back."""
+        for lp in rec.locals:
+            lp.tensor.grad, lp.user_grad = lp.user_grad, None
+
+    def write_back(self, rec: BucketRecord) -> None:
+        """This rank's stepped values -> what the sync moves."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Gradient buffers and master copies this mode holds on this rank."""
+        n = 0
+        for rec in self.unit.buckets:
+            for t in (rec.grad_flat, rec.master_grad):
+                if t is not None:
+                    n += t.numel() * t.element_size()
+            if rec.master is not None and rec.master.untyped_storage().data_ptr() != rec.param_flat.data_ptr():
+                n += rec.master.numel() * rec.master.element_size()
+        return n
+
+
+class BroadcastGrads(GradMode):
+    """Reduce to the owner; the owner steps whole parameters."""
+
+    def build(self, rec: BucketRecord) -> None:
+        u, b = self.unit, rec.spec
+        flat = self._grad_buffer(rec)
+        assert b.owner is not None
+        empty = torch.empty(0, dtype=b.dtype, device=self.ctx.device)
+        rec.grad_id = u.sched.add_grad_bucket(
+            alias(flat), empty, [], [], b.owner, f"grad:{u.name}:{b.index}", Collective.REDUCE
+        )
+        if b.owner != u.rank:
+            return
+        md = self.ctx.master_dtype
+        if md is not None and md != b.dtype:
+            rec.master_grad = torch.zeros(b.numel, dtype=md, device=self.ctx.device)
+        for i, off in zip(b.params, b.offsets):
+            p = u.plan.params[i].param
+            t = p if rec.master_grad is None else nn.Parameter(p.detach().to(md).clone())
+            rec.locals.append(self._local(rec, t, i, 0, p.numel(), off))
+
+    def take_local(self, rec: BucketRecord) -> None:
+        if rec.spec.owner != self.unit.rank:
+            return
+        for k, i in enumerate(rec.spec.params):
+            g, view = self.unit.plan.params[i].param.grad, rec.grad_views[k]
+            assert view is not None
+            if g is None:
+                view.zero_()
+            elif g is not view:
+                view.copy_(g)
+
+    def bind(self, rec: BucketRecord, has_grad: list[bool]) -> None:
+        for k, lp in enumerate(rec.locals):
+            spec = self.unit.plan.params[lp.param]
+            view = rec.grad_views[k]
+            assert view is not None
+            if lp.tensor is spec.param and lp.user_grad is None:
+                lp.user_grad = lp.tensor.grad  # handed back after the step
+            if not has_grad[lp.param]:
+                lp.tensor.grad = None
+            elif rec.master_grad is None:
+                lp.tensor.grad = view
+            else:
+                g = rec.master_grad.narrow(0, lp.at, lp.numel).view(spec.shape)
+                g.copy_(view)
+                lp.tensor.grad = g
+
+    def write_back(self, rec: BucketRecord) -> None:
+        for lp in rec.locals:
+            p = self.unit.plan.params[lp.param].param
+            if lp.tensor is not p:
+                p.detach().copy_(lp.tensor)
+
+
+class AllGatherGrads(GradMode):
+    """Reduce-scatter in place; this rank steps its slice of every bucket."""
+
+    SCRATCH = 1 << 20  # elements of the master_dtype conversion's scratch
+
+    def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
+        md = ctx.master_dtype or torch.float32
+        self._scratch = torch.empty(0, dtype=md, device=ctx.device)
+        super().__init__(unit, ctx)
+        if any(r.master_grad is not None for r in unit.buckets):
+            n = min(self.SCRATCH, max(r.spec.shard_numel for r in unit.buckets))
+            self._scratch = torch.empty(n, dtype=md, device=ctx.device)
+
+    def build(self, rec: BucketRecord) -> None:
+        u, b = self.unit, rec.spec
+        flat = alias(self._grad_buffer(rec))
+        # the reduce-scatter's output is this rank's slice of the bucket itself
+        shard = flat.narrow(0, rec.lo, b.shard_numel)
+        rec.grad_id = u.sched.add_grad_bucket(
+            flat, shard, [], [], -1, f"grad:{u.name}:{b.index}", Collective.REDUCE_SCATTER
+        )
+        rec.grad_shard = shard
+        self._build_master(rec)
+
+    def _build_master(self, rec: BucketRecord) -> None:
+        b, lo = rec.spec, rec.lo
+        flat_shard = rec.param_flat.narrow(0, lo, b.shard_numel)
+        md = self.ctx.master_dtype
+        # Same dtype: the sync buffer's own slice IS the master (the
+        # all-gather leaves it in place); otherwise a master_dtype copy and a
+        # persistent master_dtype gradient beside it.
+        if md is None or md == b.dtype:
+            rec.master = flat_shard
+        else:
+            rec.master = flat_shard.detach().to(md).clone()
+            rec.master_grad = self._master_grad_in_bucket(rec, md)
+            if rec.master_grad is None:
+                rec.master_grad = torch.zeros(b.shard_numel, dtype=md, device=self.ctx.device)
+        plan = self.unit.plan
+        for pc in plan.pieces(b, lo, lo + b.shard_numel):
+            piece = nn.Parameter(rec.master.narrow(0, pc.at - lo, pc.numel))  # shares storage
+            rec.locals.append(self._local(rec, piece, pc.param, pc.start, pc.numel, pc.at))
+
+    def _master_grad_in_bucket(self, rec: BucketRecord, md: torch.dtype) -> torch.Tensor | None:
+        """[Note: master gradient in the bucket] The master_dtype gradient of
+        this rank's slice, placed in the gradient flat itself: its own slice
+        and the neighbouring one, dead once the reduce-scatter has run.
+        None where it does not fit (one rank; more than twice the width)."""
+        b, flat = rec.spec, rec.grad_flat
+        size = md.itemsize
+        if flat is None or self.unit.transport.world_size < 2 or size > 2 * b.dtype.itemsize:
+            return None
+        own = rec.lo * b.dtype.itemsize  # byte offset of this rank's slice
+        start = own - b.shard_numel * b.dtype.itemsize if rec.lo > 0 else own
+        if start % size:
+            return None
+        return torch.empty(0, dtype=md, device=self.ctx.device).set_(
+            flat.untyped_storage(), start // size, (b.shard_numel,), (1,)
+        )
+
+    def _convert(self, rec: BucketRecord) -> None:
+        """The reduced slice -> its master_dtype gradient, through a small
+        scratch in chunks ordered so that no chunk overwrites a part of the
+        slice not yet read (it starts below the slice, or at it: forward;
+        it starts at the slice and ends past it: backward)."""
+        src, dst = rec.grad_shard, rec.master_grad
+        assert src is not None and dst is not None
+        if dst is src:  # ZeRO-2 keeps its slice in master_dtype already
+            return
+        if dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+            dst.copy_(src)  # a buffer of its own
+            return
+        n = src.numel()
+        chunk = self._scratch.numel()
+        starts = list(range(0, n, chunk))
+        if dst.data_ptr() >= src.data_ptr():
+            starts.reverse()
+        for a in starts:
+            k = min(chunk, n - a)
+            tmp = self._scratch.narrow(0, 0, k)
+            tmp.copy_(src.narrow(0, a, k))
+            dst.narrow(0, a, k).copy_(tmp)
+
+    def take_local(self, rec: BucketRecord) -> None:
+        shard = rec.grad_shard
+        assert shard is not None
+        shard.zero_()
+        for lp in rec.locals:
+            g = self.unit.plan.params[lp.param].param.grad
+            if g is not None:
+                shard.narrow(0, lp.at - rec.lo, lp.numel).copy_(g.detach().reshape(-1).narrow(0, lp.start, lp.numel))
+
+    def bind(self, rec: BucketRecord, has_grad: list[bool]) -> None:
+        shard = rec.grad_shard
+        assert shard is not None
+        if rec.master_grad is not None:
+            self._convert(rec)  # into persistent memory: nothing allocated per step
+            shard = rec.master_grad
+        for lp in rec.locals:
+            lp.tensor.grad = shard.narrow(0, lp.at - rec.lo, lp.numel) if has_grad[lp.param] else None
+
+    def write_back(self, rec: BucketRecord) -> None:
+        assert rec.master is not None
+        flat_shard = rec.param_flat.narrow(0, rec.lo, rec.master.numel())
+        if rec.master.data_ptr() != flat_shard.data_ptr():
+            flat_shard.copy_(rec.master)
+
+
+@dataclass
+class _Slot:
+    """One staging buffer of the ZeRO-2 pool and the bucket using it."""
+
+    buf: torch.Tensor
+    user: BucketRecord | None = None  # launched, not yet retired
+
+
+class ShardedGrads(AllGatherGrads):
+    """ZeRO-2: after its reduce-scatter only this rank's slice of a bucket is
+    kept (gradients 1/N + the buckets in flight). p.grad is released once
+    handed over, and every backward reduces (gradient accumulation reduces
+    each micro-batch, adding into the kept slice)."""
+
+    keeps_grads = False
+
+    def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
+        self._pools: dict[torch.dtype, list[_Slot]] = {}
+        self._slot_of: dict[int, _Slot] = {}  # bucket index -> its staging slot
+        self._reduced: set[int] = set()  # buckets whose kept slice holds this step's first reduction
+        super().__init__(unit, ctx)
+
+    def build(self, rec: BucketRecord) -> None:
+        u, b = self.unit, rec.spec
+        same = [r for r in u.buckets if r.spec.dtype == b.dtype]
+        if b.dtype not in self._pools:  # the biggest bucket of the dtype fits every slot
+            need = max(r.spec.padded_numel for r in same)
+            n = min(STAGING_SLOTS, len(same))
+            self._pools[b.dtype] = [_Slot(torch.zeros(need, dtype=b.dtype, device=self.ctx.device)) for _ in range(n)]
+        slots = self._pools[b.dtype]
+        # slots are taken in backward order (the reverse of the buckets')
+        pos = sum(1 for r in same if r.index > rec.index)
+        slot = slots[pos % len(slots)]
+        self._slot_of[rec.index] = slot
+        staging = alias(slot.buf.narrow(0, 0, b.padded_numel))
+        numels = [u.plan.params[i].numel for i in b.params]
+        rec.grad_id = u.sched.add_grad_bucket(
+            staging,
+            staging.narrow(0, rec.lo, b.shard_numel),
+            list(b.offsets),
+            numels,
+            -1,
+            f"grad:{u.name}:{b.index}",
+            Collective.REDUCE_SCATTER,
+        )
+        rec.grad_views = [None] * len(b.params)
+        md = self.ctx.master_dtype
+        # the kept slice is in master_dtype when there is one: the reduced
+        # slices are added up there, and it is the master's gradient itself
+        keep = md if md is not None else b.dtype
+        rec.grad_shard = torch.zeros(b.shard_numel, dtype=keep, device=self.ctx.device)
+        self._build_master(rec)
+        if rec.master_grad is not None:
+            rec.master_grad = rec.grad_shard
+
+    def land(self, rec: BucketRecord, k: int, p: torch.Tensor) -> None:
+        pass  # the gradient is copied into a staging buffer at hand-over
+
+    def hand_over(self, rec: BucketRecord, fired: set[int], record: GradWatchRecord) -> None:
+        slot = self._slot_of[rec.index]
+        if slot.user is not None:
+            self._retire(slot.user)  # the slot's previous bucket is reduced and kept
+        plan = self.unit.plan
+        grads = []
+        for i in rec.spec.params:
+            p = plan.params[i].param
+            grads.append(p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+        self.unit.sched.reduce_grads(rec.grad_id, grads, self.ctx.average)
+        slot.user = rec
+        for i in rec.spec.params:  # copied: released, so the full gradient never lives on
+            spec = plan.params[i]
+            spec.param.grad = None
+            record(spec.name, spec.param, None)
+
+    def _retire(self, rec: BucketRecord) -> None:
+        """Wait for the bucket's reduction and keep (add up) its slice."""
+        self.unit.sched.wait_grad(rec.grad_id)
+        slot = self._slot_of[rec.index]
+        reduced = slot.buf.narrow(0, rec.lo, rec.spec.shard_numel)
+        assert rec.grad_shard is not None
+        if rec.index in self._reduced:
+            rec.grad_shard.add_(reduced)
+        else:
+            rec.grad_shard.copy_(reduced)
+            self._reduced.add(rec.index)
+        slot.user = None
+
+    def after_wait(self) -> None:
+        for slots in self._pools.values():
+            for slot in slots:
+                if slot.user is not None:
+                    self._retire(slot.user)
+        # buckets never reduced this step (no backward): their kept slice is zero
+        for rec in self.unit.buckets:
+            if rec.index not in self._reduced and rec.grad_shard is not None:
+                rec.grad_shard.zero_()
+
+    def new_step(self) -> None:  # noqa: D102
+        # a step abandoned after its reductions were launched: they must
+        # finish before their staging buffers are reused, and not count
+        for slots in self._pools.values():
+            for slot in slots:
+                if slot.user is not None:
+                    self.unit.sched.wait_grad(slot.user.grad_id)
+                    slot.user = None
+        self._reduced.clear()
+
+    def nbytes(self) -> int:
+        n = super().nbytes()
+        for rec in self.unit.buckets:
+            if rec.grad_shard is not None and rec.grad_shard is not rec.master_grad:
+                n += rec.grad_shard.numel() * rec.grad_shard.element_size()
+        for slots in self._pools.values():
+            n += sum(s.buf.numel() * s.buf.element_size() for s in slots)
+        return n
+
+
+def mode_class(bucket: Bucket, shard_grads: bool) -> type[GradMode]:
+    """The one place a bucket's mode is chosen: a broadcast bucket has an
+    owner rank, an allgather bucket none."""
+    if bucket.owner is not None:
+        return BroadcastGrads
+    return ShardedGrads if shard_grads else AllGatherGrads
 
 
 class ShardBuffers:
-    """Builds, registers and owns every unit's `BucketBuffers`."""
+    """Every unit's gradient mode, over the units' bucket records."""
 
-    def __init__(
-        self,
-        units: list[SyncUnit],
-        index_of: dict[int, int],
-        group_of: dict[int, int],
-        master_dtype: torch.dtype | None,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, units: list[SyncUnit], ctx: ModeContext, shard_grads: bool) -> None:
         self.units = units
-        self.buckets: list[list[BucketBuffers]] = [
-            [self._build(u, b.index, index_of, group_of, master_dtype, device) for b in u.plan.buckets] for u in units
-        ]
+        self.modes: list[GradMode] = []
+        for u in units:
+            cls = mode_class(u.plan.buckets[0], shard_grads) if u.plan.buckets else AllGatherGrads
+            self.modes.append(cls(u, ctx))
 
-    @staticmethod
-    def _build(
-        u: SyncUnit,
-        bi: int,
-        index_of: dict[int, int],
-        group_of: dict[int, int],
-        master_dtype: torch.dtype | None,
-        device: torch.device,
-    ) -> BucketBuffers:
-        plan, b = u.plan, u.plan.buckets[bi]
-        flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
-        numels = [plan.params[i].numel for i in b.params]
-        if plan.mode == "broadcast":
-            assert b.owner is not None  # every broadcast bucket has one
-            u.sched.add_grad_bucket(
-                flat,
-                torch.empty(0, dtype=b.dtype, device=device),
-                list(b.offsets),
-                numels,
-                b.owner,
-                f"grad:{u.name}:{b.index}",
-            )
-            bb = BucketBuffers(flat, None, None)
-            if b.owner == u.rank:
-                for i, off in zip(b.params, b.offsets):
-                    p = plan.params[i].param
-                    t = p
-                    if master_dtype is not None and p.dtype != master_dtype:
-                        t = nn.Parameter(p.detach().to(master_dtype).clone())
-                    bb.locals.append(LocalParam(t, index_of[id(p)], 0, p.numel(), group_of[id(p)], i, off))
-            return bb
-        shard = torch.zeros(b.shard_numel, dtype=b.dtype, device=device)
-        u.sched.add_grad_bucket(flat, shard, list(b.offsets), numels, REDUCE_SCATTER, f"grad:{u.name}:{b.index}")
-        lo, hi = u.shard_range(b)
-        flat_shard = u.flats[b.index].narrow(0, lo, b.shard_numel)
-        want = master_dtype or b.dtype
-        # Same dtype: the sync buffer's own slice IS the master (the
-        # all-gather leaves it in place); otherwise a master_dtype copy.
-        master = flat_shard if want == b.dtype else flat_shard.detach().to(want).clone()
-        bb = BucketBuffers(flat, shard, master, lo)
-        for pc in plan.pieces(b, lo, hi):
-            p = plan.params[pc.param].param
-            piece = nn.Parameter(master.narrow(0, pc.at - lo, pc.numel))  # shares storage
-            bb.locals.append(LocalParam(piece, index_of[id(p)], pc.start, pc.numel, group_of[id(p)], pc.param, pc.at))
-        return bb
-
-    # -- views --------------------------------------------------------------
     def locals(self, ui: int | None = None) -> list[LocalParam]:
         """Every local tensor (of one unit), in unit and bucket order."""
         units = range(len(self.units)) if ui is None else [ui]
-        return [lp for u in units for bb in self.buckets[u] for lp in bb.locals]
+        return [lp for u in units for rec in self.units[u].buckets for lp in rec.locals]
 
     def nbytes(self) -> int:
-        """Gradient flats and shards on this rank."""
-        n = 0
-        for bbs in self.buckets:
-            for bb in bbs:
-                n += bb.grad_flat.numel() * bb.grad_flat.element_size()
-                if bb.grad_shard is not None:
-                    n += bb.grad_shard.numel() * bb.grad_shard.element_size()
-        return n
+        return sum(m.nbytes() for m in self.modes)
 
-    # -- per step -----------------------------------------------------------
-    def take_local_grads(self, ui: int) -> None:
-        """[Note: DDP-wrapped models] p.grad is already averaged over the
-        ranks: copy this rank's part into the reduced-gradient buffers."""
-        u = self.units[ui]
-        for b, bb in zip(u.plan.buckets, self.buckets[ui]):
-            if u.plan.mode == "broadcast" and b.owner != u.rank:
-                continue
-            for i, off in zip(b.params, b.offsets):
-                p = u.plan.params[i].param
-                dst = bb.grad_flat.narrow(0, off, p.numel())
-                dst.copy_(p.grad.detach().view(-1)) if p.grad is not None else dst.zero_()
-            if bb.grad_shard is not None:
-                bb.grad_shard.copy_(bb.grad_flat.narrow(0, bb.master_lo, b.shard_numel))
+    def release_grads(self) -> None:
+        """close(): a p.grad still viewing a bucket gets its own copy, so the
+        buckets can be freed."""
+        for u in self.units:
+            for rec in u.buckets:
+                for k, i in enumerate(rec.spec.params):
+                    p = u.plan.params[i].param
+                    if p.grad is not None and p.grad is rec.grad_views[k]:
+                        p.grad = p.grad.clone()
 
     def bind_grads(self, has_grad: list[list[bool]]) -> None:
-        """Point each local tensor's .grad at its reduced gradient; None where
-        no rank had a gradient (torch's optimizers skip those)."""
-        for ui, u in enumerate(self.units):
-            for b, bb in zip(u.plan.buckets, self.buckets[ui]):
-                if bb.grad_shard is None:  # broadcast: the reduced bucket, on its owner
-                    for lp in bb.locals:
-                        spec = u.plan.params[lp.param]
-                        g = bb.grad_flat.narrow(0, lp.at, lp.numel).view(spec.shape)
-                        if lp.tensor is spec.param and lp.user_grad is None:
-                            lp.user_grad = lp.tensor.grad  # handed back after the step
-                        if not has_grad[ui][lp.param]:
-                            lp.tensor.grad = None
-                        else:
-                            lp.tensor.grad = g if g.dtype == lp.tensor.dtype else g.to(lp.tensor.dtype)
-                    continue
-                assert bb.master is not None
-                shard = bb.grad_shard if bb.grad_shard.dtype == bb.master.dtype else bb.grad_shard.to(bb.master.dtype)
-                for lp in bb.locals:
-                    ok = has_grad[ui][lp.param]
-                    lp.tensor.grad = shard.narrow(0, lp.at - bb.master_lo, lp.numel) if ok else None
+        for ui, (u, m) in enumerate(zip(self.units, self.modes)):
+            for rec in u.buckets:
+                m.bind(rec, has_grad[ui])
 
     def unbind_grads(self) -> None:
-        """A model parameter stepped in place gets its own grad back."""
-        for lp in self.locals():
-            lp.tensor.grad, lp.user_grad = lp.user_grad, None
+        for u, m in zip(self.units, self.modes):
+            for rec in u.buckets:
+                m.unbind(rec)
 
     def write_back(self, ui: int, b: int) -> None:
-        """This rank's stepped masters of bucket b -> what the sync moves
-        (working parameters, or the flat buffer's shard)."""
-        u, bb = self.units[ui], self.buckets[ui][b]
-        if bb.master is None:  # broadcast
-            for lp in bb.locals:
-                p = u.plan.params[lp.param].param
-                if lp.tensor is not p:
-                    p.detach().copy_(lp.tensor)
-            return
-        flat_shard = u.flats[b].narrow(0, bb.master_lo, bb.master.numel())
-        if bb.master.data_ptr() != flat_shard.data_ptr():
-            flat_shard.copy_(bb.master)
+        self.modes[ui].write_back(self.units[ui].buckets[b])

@@ -12,10 +12,10 @@ import torch.nn as nn
 
 from ._ext import _C
 from .blocks import BlocksArg
-from .plan import Bucket, Plan, build_plan
+from .plan import Bucket, Plan, plan_model
 from .transport import SimulatedTransport, Transport
 
-ALL_GATHER = _C.ALL_GATHER  # a param bucket's root: in-place all-gather instead of a broadcast
+Collective = _C.Collective
 
 
 class PlannedUnit(NamedTuple):
@@ -48,7 +48,7 @@ def plan_units(
     out = []
     for name, grp, pfilter in specs:
         world = 1 if isinstance(transport, SimulatedTransport) else dist.get_world_size(grp)
-        plan = build_plan(
+        plan = plan_model(  # attach checked the options
             chunks,
             mode=mode,
             world_size=world,
@@ -62,25 +62,68 @@ def plan_units(
     return out
 
 
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over the same memory as `t` with a version counter of its
+    own ([Note: gradient views]): what zerocomm's own collectives write
+    through, so their writes never look like a user's in-place edit."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride()
+    )
+
+
+@dataclass(eq=False)
+class BucketRecord:
+    """One bucket of one unit, and everything zerocomm holds for it
+    ([Note: one bucket record]): the parameter flat (the parameters are
+    views of it), the scheduler id of its sync and, once a sharded
+    optimizer is built, its gradient buffers, master and scheduler id.
+    As in Megatron's param_and_grad_buffer, the buffers are the single
+    source of truth: parameters, gradients and the local optimizer's
+    tensors are views of them."""
+
+    spec: Bucket  # the plan's layout: params, offsets, owner, shard size
+    label: str
+    param_flat: torch.Tensor
+    param_id: int  # scheduler id of the parameter sync
+    lo: int = 0  # first element of this rank's shard (allgather), else 0
+    # -- gradient side (filled by the sharded optimizer's mode) --
+    grad_flat: torch.Tensor | None = None  # the bucket's gradients; p.grad are views of it
+    grad_views: list[torch.Tensor | None] = field(default_factory=list)  # per param of the bucket
+    grad_shard: torch.Tensor | None = None  # the reduced gradient this rank keeps
+    grad_id: int = -1  # scheduler id of the gradient reduction
+    master: torch.Tensor | None = None  # allgather: this rank's master slice
+    master_grad: torch.Tensor | None = None  # persistent master_dtype copy of the reduced gradient
+    locals: list[Any] = field(default_factory=list)  # the optimizer's LocalParams of this bucket
+
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
+
 @dataclass
 class SyncUnit:
-    """One plan (dense or expert) with its own transport and scheduler."""
+    """One plan (dense or expert) with its own transport, scheduler and
+    bucket records."""
 
     name: str
     plan: Plan
     transport: Transport
     sched: "_C.SyncScheduler"
-    flats: list[torch.Tensor]
+    buckets: list[BucketRecord]
     group: dist.ProcessGroup | None = None  # the user's group it syncs over
     order: list[int] = field(default_factory=list)  # bucket launch order
-    # per plan param: the storage the scheduler copies from/into (the
-    # parameter's own at attach, or its slice of the flat buffer with
-    # zero_copy); a parameter rebound elsewhere is put back on it
+    # per plan param: its view of the flat buffer; a parameter rebound
+    # elsewhere is put back on it
     bound: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
         return self.transport.rank
+
+    @property
+    def flats(self) -> list[torch.Tensor]:
+        """The parameter flat of every bucket, in bucket order."""
+        return [r.param_flat for r in self.buckets]
 
     def shard_range(self, b: Bucket) -> tuple[int, int]:
         """[start, end) of this rank's slice of an allgather bucket."""
@@ -94,55 +137,29 @@ def owned_pieces(b: Bucket, plan: Plan, lo: int, hi: int) -> list[tuple[int, int
     return [(pc.param, pc.start, pc.at) for pc in plan.pieces(b, lo, hi)]
 
 
-def _piece(p: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    return p.detach().view(-1).narrow(0, start, n)
-
-
-def build_unit(
-    name: str,
-    plan: Plan,
-    transport: Transport,
-    device: torch.device,
-    zero_copy: bool,
-    copy_in_params: bool,
-) -> SyncUnit:
-    """Allocates the persistent flat buffers and registers each bucket with
-    the scheduler. `copy_in_params=False` when the owner writes its shard
-    straight into the flat buffer (the sharded optimizer does)."""
+def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device) -> SyncUnit:
+    """Allocates each bucket's flat buffer, makes the parameters views of it
+    (the sync writes them in place: no copy in or out) and registers the
+    bucket's sync with the scheduler."""
     sched = _Scheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000))
-    rank, flats = transport.rank, []
+    rank, records = transport.rank, []
     for b in plan.buckets:
         flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
-        params = [plan.params[i].param for i in b.params]
-        for p, off in zip(params, b.offsets):
-            flat.narrow(0, off, p.numel()).copy_(p.detach().view(-1))
-        copy_in: list[torch.Tensor] = []
-        in_offsets: list[int] = []
-        if plan.mode == "broadcast":
-            root = b.owner
-            if rank == root and copy_in_params and not zero_copy:
-                copy_in, in_offsets = [p.detach() for p in params], list(b.offsets)
-            copy_out = [] if rank == root else [p.detach() for p in params]
-        else:
-            root = ALL_GATHER
-            if copy_in_params and not zero_copy:
-                for pc in plan.pieces(b, *b.shard_range(rank)):
-                    copy_in.append(_piece(plan.params[pc.param].param, pc.start, pc.numel))
-                    in_offsets.append(pc.at)
-            copy_out = [p.detach() for p in params]
-        if zero_copy:
-            # Parameters become views of the flat buffer: no copy-in/out.
-            for p, off in zip(params, b.offsets):
-                p.data = flat.narrow(0, off, p.numel()).view(p.shape)
-            copy_out = []
-        out_offsets = list(b.offsets) if copy_out else []
+        for i, off in zip(b.params, b.offsets):
+            p = plan.params[i].param
+            view = flat.narrow(0, off, p.numel())
+            view.copy_(p.detach().view(-1))
+            p.data = view.view(p.shape)  # the old storage is freed here, bucket by bucket
+        # broadcast from the owner, or (no owner: every rank holds a slice) all-gather
+        op, root = (Collective.BROADCAST, b.owner) if b.owner is not None else (Collective.ALL_GATHER, -1)
         label = f"{name}:{b.index}[{plan.blocks[b.blocks[0]].name}" + (
             f"..{plan.blocks[b.blocks[-1]].name}]" if len(b.blocks) > 1 else "]"
         )
-        sched.add_param_bucket(flat, copy_in, in_offsets, copy_out, out_offsets, root, label)
-        flats.append(flat)
+        pid = sched.add_param_bucket(alias(flat), [], [], [], [], root, label, op)
+        lo = b.shard_range(rank)[0] if b.owner is None else 0
+        records.append(BucketRecord(b, label, flat, pid, lo))
     bound = [s.param.detach() for s in plan.params]
-    return SyncUnit(name, plan, transport, sched, flats, order=list(range(len(plan.buckets))), bound=bound)
+    return SyncUnit(name, plan, transport, sched, records, order=list(range(len(plan.buckets))), bound=bound)
 
 
 class _Scheduler(_C.SyncScheduler):

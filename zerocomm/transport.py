@@ -72,10 +72,21 @@ def group_timeout_s(group: dist.ProcessGroup) -> float:
         return DEFAULT_TIMEOUT_S
 
 
-def _broadcast_from_group_rank0(value: object, group: dist.ProcessGroup) -> object:
+def _broadcast_from_group_rank0(value: object, group: dist.ProcessGroup | None) -> object:
     box = [value]
     dist.broadcast_object_list(box, group=group, group_src=0)
     return box[0]
+
+
+def private_gloo(group: dist.ProcessGroup | None, tag: str, timeout_s: float) -> dist.ProcessGroupGloo:
+    """A gloo backend of zerocomm's own over the ranks of `group`, on a fresh
+    prefix of the default store (rank 0 of the group picks it): never the
+    user's group, which may be busy with the user's own collectives. The one
+    place such a backend is made (the CPU transport, the presence vote)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    prefix = cast(str, _broadcast_from_group_rank0(f"{tag}/{uuid.uuid4().hex}" if rank == 0 else None, group))
+    store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+    return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
 
 
 def open_transport(
@@ -92,8 +103,7 @@ def open_transport(
     if isinstance(transport, SimulatedTransport):
         comm = _C.simulated_communicator(transport.latency_us, transport.bandwidth_gbps, transport.modelled_world)
         return Transport(stream, comm, 0, 1, timeout_s)
-    if transport != "auto":
-        raise ValueError(f"unknown transport {transport!r}: use 'auto' or zerocomm.SimulatedTransport(...)")
+    # transport == "auto" (attach checked it: validate.check_options)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if device.type == "cuda":
         if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
@@ -108,8 +118,5 @@ def open_transport(
         uid = cast(bytes, _broadcast_from_group_rank0(_C.nccl_unique_id() if rank == 0 else None, group))
         comm = _C.nccl_communicator(uid, rank, size, cuda_index, int(timeout_s * 1000))
     else:
-        prefix = cast(str, _broadcast_from_group_rank0(f"zerocomm/{uuid.uuid4().hex}" if rank == 0 else None, group))
-        store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
-        backend = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
-        comm = _C.c10d_communicator(backend, int(timeout_s * 1000))
+        comm = _C.c10d_communicator(private_gloo(group, "zerocomm", timeout_s), int(timeout_s * 1000))
     return Transport(stream, comm, rank, size, timeout_s)

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import __version__
 from .blocks import chunk_prefix
 from .plan import Plan, check_plan_options
 
@@ -122,7 +121,20 @@ def check_options(
     master = optimizer_options.get("master_dtype")
     if master is not None and not (isinstance(master, torch.dtype) and master.is_floating_point):
         raise TypeError(f"master_dtype must be a floating dtype, got {master}")
-    check_elementwise(optimizer, mode, optimizer_options.get("elementwise"))
+    shard_grads = optimizer_options.get("shard_grads", False)
+    if not isinstance(shard_grads, bool):
+        raise TypeError(f"shard_grads must be True or False, got {shard_grads!r}")
+    if shard_grads and mode != "allgather":
+        raise ValueError(
+            "shard_grads=True (ZeRO-2: keep only this rank's slice of the reduced gradients) "
+            "needs mode='allgather', where every rank owns a slice of every bucket"
+        )
+    if mode == "allgather" and not is_elementwise(optimizer, optimizer_options.get("elementwise")):
+        raise ValueError(
+            f"{type(optimizer).__name__} is not an element-wise optimizer, so it cannot step slices of "
+            "parameters (allgather mode): use mode='broadcast', which steps whole "
+            "parameters, or pass elementwise=True if its update really is element-wise"
+        )
 
 
 # Optimizers whose update of an element depends only on that element's own
@@ -145,30 +157,25 @@ ELEMENTWISE = frozenset(
 )
 
 
-def check_elementwise(optimizer: torch.optim.Optimizer, mode: str, elementwise: bool | None) -> bool:
+def is_elementwise(optimizer: torch.optim.Optimizer, elementwise: bool | None) -> bool:
     """Whether the optimizer's update is element-wise (`elementwise`
     overrides the list); allgather mode steps slices and needs one."""
-    name = type(optimizer).__name__
-    is_elementwise = name in ELEMENTWISE if elementwise is None else bool(elementwise)
-    if mode == "allgather" and not is_elementwise:
-        raise ValueError(
-            f"{name} is not an element-wise optimizer, so it cannot step slices of "
-            "parameters (allgather mode): use mode='broadcast', which steps whole "
-            "parameters, or pass elementwise=True if its update really is element-wise"
-        )
-    return is_elementwise
+    return type(optimizer).__name__ in ELEMENTWISE if elementwise is None else bool(elementwise)
 
 
-def plan_fingerprint(plans: list[tuple[str, Plan]], *, optimizer: str = "none") -> list[tuple]:
-    """What every rank must agree on, as comparable rows: the options and
-    every (name, plan) attach built."""
+def plan_fingerprint(
+    plans: list[tuple[str, Plan]], *, optimizer: str = "none", version: str = "", options: str = ""
+) -> list[tuple]:
+    """What every rank must agree on, as comparable rows: the options
+    (`options`: those that change which collectives run, e.g. shard_grads),
+    the zerocomm version (attach passes it) and every (name, plan) attach built."""
     first = plans[0][1]
     rows: list[tuple] = [
         (
             "config",
             f"mode={first.mode} partition={first.partition} "
             f"bucket_mb={first.bucket_mb} align_bytes={first.align_bytes} optimizer={optimizer} "
-            f"experts={len(plans) > 1} zerocomm={__version__}",
+            f"experts={len(plans) > 1} zerocomm={version}" + (f" {options}" if options else ""),
         )
     ]
     for name, plan in plans:
