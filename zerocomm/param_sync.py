@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import telemetry
+from . import module_reads, telemetry
 from .hooks import BlockHooks, Wait
 from .plan import Plan
 from .sync_unit import PlannedUnit, SyncUnit, build_unit, owned_pieces, plan_units
@@ -90,6 +90,8 @@ class ParamSync:
         self._slots = _slots(chunks, self.units)
         self.hooks = BlockHooks(waits, roots, on_first_call=self._record_first_call)
         self.hooks.install()
+        # reads of the parameters outside a forward wait for the sync ([Note: reads after step])
+        self.reads = module_reads.build(chunks, self.units, self.hooks, device)
         register_open(self)
 
     # -- public API -----------------------------------------------------
@@ -130,6 +132,7 @@ class ParamSync:
             u.sched.launch([b])
             launched.append((u.sched, b))
         self.hooks.arm(launched)
+        self.reads.launched(launched)
 
     def rebind_moved_params(self) -> list[str]:
         """[Note: user writes between steps] A parameter whose `.data` was
@@ -180,6 +183,7 @@ class ParamSync:
         self._check_open()
         for u in self.units:
             u.sched.synchronize()
+        self.reads.settled()
 
     # -- telemetry ------------------------------------------------------
     def enable_tracing(self, on: bool = True) -> None:
@@ -212,6 +216,7 @@ class ParamSync:
         if self._closed:
             return
         self._closed = True
+        self.reads.remove()  # waits for nothing: the model's own classes and dicts again
         self.hooks.remove()  # also drops the hooks' references to the schedulers
         for u in self.units:
             try:
