@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from . import guards
 from .grad_path import GradPath
+from .hparams import HyperParams
 from .param_sync import ParamSync
 from .plan import Plan
 from .shard_buffers import LocalParam, ShardBuffers
@@ -87,6 +88,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._locals: list[LocalParam] = self.buffers.locals()
         self.grads = GradPath(self.units, self.buffers, average_grads)
         self.optim = self._build_local_optimizer(optimizer)
+        self._hparams = HyperParams(optimizer, self.optim)  # either optimizer's hyper-parameter changes count
         self._pieces = tuple(ShardPiece(lp.index, lp.start, lp.numel, lp.group, lp.tensor) for lp in self._locals)
         self.defaults = self.optim.defaults
         # model.load_state_dict after attach: wait for the sync first (it
@@ -186,6 +188,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # -- optimizer interface ----------------------------------------------
     @property
     def param_groups(self) -> list[dict]:
+        if "_hparams" in self.__dict__:
+            self._hparams.sync()
         return self.optim.param_groups
 
     @param_groups.setter
@@ -214,6 +218,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "checks see only this rank's shard. Train in bf16 (no scaler needed), or scale the "
                 "loss yourself and pass the inverse to zopt.clip_grad_norm_"
             )
+        self._hparams.sync()
+        self._hparams.stepped()
         guards.check_trainable(self._unplanned)
         moved = self.sync.rebind_moved_params()
         if moved or self._versions_changed():
