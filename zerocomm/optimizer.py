@@ -157,6 +157,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip by the true global gradient norm across all shards (as
         torch.nn.utils.clip_grad_norm_ would on the unsharded model); returns it."""
+        total_norm = self.grad_norm(norm_type)
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for g in self._local_grads():
+            g.mul_(coef.to(g.dtype))
+        return total_norm
+
+    def clip_grad_value_(self, clip_value: float) -> None:
+        """Clamp every gradient element to [-clip_value, clip_value], as
+        torch.nn.utils.clip_grad_value_ would on the reduced gradients of the
+        unsharded model (element-wise: the shards' clamp is the whole one)."""
+        self._bind_grads()
+        for g in self._local_grads():
+            g.clamp_(-clip_value, clip_value)
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """The global norm of the gradients the next step uses (averaged over
+        the ranks, or DDP's), without changing them: for logging and spike
+        detection. A collective over the group: call it on every rank."""
         self._bind_grads()
         norm_type = float(norm_type)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -179,11 +197,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if u.transport.world_size > 1:
                     dist.all_reduce(part, group=u.group)
                 total = total + part
-        total_norm = total if norm_type == math.inf else total ** (1.0 / norm_type)
-        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        for g in self._local_grads():
-            g.mul_(coef.to(g.dtype))
-        return total_norm
+        return total if norm_type == math.inf else total ** (1.0 / norm_type)
 
     # -- optimizer interface ----------------------------------------------
     @property
