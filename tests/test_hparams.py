@@ -77,7 +77,8 @@ def _run(case: str, rank: int | None, mode: str = "") -> dict:
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     if rank is not None:
         zopt.close()
-    return {"params": params, "lrs": lrs, "warnings": [str(w.message) for w in caught if "lr_scheduler" in str(w.message)]}
+    order_warnings = [str(w.message) for w in caught if "lr_scheduler" in str(w.message)]
+    return {"params": params, "lrs": lrs, "warnings": order_warnings}
 
 
 def _conflict(rank: int, mode: str) -> str:

@@ -101,7 +101,7 @@ class _AttachedReads:
         # copyreg._reconstructor: object.__new__(the model's class), then
         # __setstate__(state); pickle refuses __newobj__ with another class
         base = type(self)._zerocomm_base  # type: ignore[attr-defined]
-        return copyreg._reconstructor, (base, object, None), plain_state(self)
+        return copyreg._reconstructor, (base, object, None), plain_state(self)  # type: ignore[attr-defined,arg-type]
 
 
 class _GuardedParams(dict):
@@ -165,7 +165,8 @@ class ModuleReads:
         for chunk in chunks:
             mods = list(chunk.modules())
             self._holders[chunk] = [m for m in mods if m._parameters]
-            self._chunk_waits[chunk] = {w for m in mods for p in m._parameters.values() for w in waits_of.get(id(p), ())}
+            params = [p for m in mods for p in m._parameters.values()]
+            self._chunk_waits[chunk] = {w for p in params for w in waits_of.get(id(p), ())}
             for m in mods:
                 if _READS not in m.__dict__:
                     m.__dict__[_READS] = self

@@ -63,7 +63,7 @@ class ZeroDDPStrategy(DDPStrategy):
 
     strategy_name = "zerocomm_ddp"
 
-    @property  # type: ignore[override]
+    @property
     def precision_plugin(self) -> Precision:
         if self._precision_plugin is None:
             self._precision_plugin = with_zero_clipping(None)
