@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import guards
+from . import divergence, guards
 from .shard_buffers import ShardBuffers
 from .sync_unit import SyncUnit
 
@@ -40,6 +40,8 @@ class GradPath:
         self.ddp: nn.Module | None = None  # the DDP wrapper whose all-reduce made this step's grads
         self.has_grad: list[list[bool]] | None = None  # per unit, per plan param, once finished
         self._watch = guards.GradWatch()
+        self.position = divergence.Position()  # carried by every vote: [Note: diverged ranks]
+        self.diverged = False  # then collectives are in flight that no peer will join
         self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s) for u in units]
         self._handles: list[Any] = []
         self._states = [self._arm(ui, u) for ui, u in enumerate(units)]
@@ -87,6 +89,7 @@ class GradPath:
                 self._watch.record(spec.name, spec.param)
                 g = spec.param.grad
                 grads.append(g.detach() if g is not None else torch.zeros_like(spec.param))
+            self.position.reduction_started()
             u.sched.reduce_grads(b, grads, self.average_grads)
             st.launched += 1
 
@@ -111,13 +114,32 @@ class GradPath:
         for ui in range(len(self.units)):
             self._launch_ready(ui, flush=True)
         # the presence vote travels while the last reductions finish
-        votes = [pres.start(flags) for pres, flags in zip(self._presence, local)]
-        for u in self.units:  # first: a dead peer is reported as the failed reduction it is
-            for b in range(len(u.plan.buckets)):
-                u.sched.wait_grad(b)
-        self.has_grad = [v.result() for v in votes]
+        self.position.steps += 1
+        votes = [pres.start(flags, self.position) for pres, flags in zip(self._presence, local)]
+        try:
+            # The vote first: a rank behind a divergence is stuck in a reduction
+            # nobody joins, but its vote completes and says so ([Note: diverged ranks]).
+            has_grad = [v.result() for v in votes]
+        except divergence.Diverged:
+            self.diverged = True
+            raise
+        except RuntimeError:
+            self._wait_grads()  # a dead peer is reported as the failed reduction it is
+            raise
+        try:
+            self._wait_grads()
+        except RuntimeError as e:  # behind a divergence a peer detected: say so
+            self.diverged = True
+            divergence.explain(e, [pres.board for pres in self._presence])
+            raise
+        self.has_grad = has_grad
         self._watch.check()
         return self.has_grad
+
+    def _wait_grads(self) -> None:
+        for u in self.units:
+            for b in range(len(u.plan.buckets)):
+                u.sched.wait_grad(b)
 
     def reset(self) -> None:
         """Re-arm the bucket counters for the next step."""
@@ -125,6 +147,7 @@ class GradPath:
             st.launched = 0
             st.pending = [len(b.params) for b in u.plan.buckets]
             st.fired.clear()
+        self.position.step_reset()
         self._watch.clear()
         self.has_grad = None
 
@@ -133,4 +156,4 @@ class GradPath:
             h.remove()
         self._handles.clear()
         for pres in self._presence:
-            pres.close()
+            pres.close(self.position)

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import divergence
+
 CLIP_HINT = (
     "clip with zopt.clip_grad_norm_(max_norm) (the true global norm), or wrap the model in "
     "DistributedDataParallel (then zerocomm steps DDP's all-reduced p.grad and torch's "
@@ -70,24 +72,31 @@ class GradWatch:
 
 @dataclass
 class PresenceVote:
-    """One step's OR of the presence flags, in flight."""
+    """One step's OR of the presence flags, in flight, with every rank's
+    position ([Note: diverged ranks])."""
 
     local: list[bool]
     flags: torch.Tensor | None
     work: Any  # dist.Work, None with one rank
+    position: divergence.Position | None = None
+    board: divergence.Board | None = None
 
     def result(self) -> list[bool]:
-        if self.work is None:
+        if self.work is None or self.position is None or self.board is None:
             return self.local
         try:
-            self.work.wait()
+            divergence.wait_vote(self.work, self.board, self.position)
+        except divergence.Diverged:
+            raise
         except Exception as e:
             raise RuntimeError(
                 "zerocomm: exchanging which parameters have gradients (after every bucket's "
                 f"gradient reduction, before the step) failed: {e}"
             ) from e
         assert self.flags is not None
-        return self.flags.bool().tolist()
+        flags, positions = divergence.decode(self.flags, len(self.local), self.board.world)
+        divergence.check(positions, self.board)
+        return flags
 
 
 class GradPresence:
@@ -97,24 +106,28 @@ class GradPresence:
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, timeout_s: float) -> None:
         self.backend: Any = None  # a ProcessGroupGloo backend
+        self.board: divergence.Board | None = None  # posts under the same store prefix
         if world_size > 1:
             rank = dist.get_rank(group)
             box = [f"zerocomm-presence/{uuid.uuid4().hex}" if rank == 0 else None]
             dist.broadcast_object_list(box, group=group, group_src=0)
             store = dist.PrefixStore(str(box[0]), dist.distributed_c10d._get_default_store())
             self.backend = dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+            self.board = divergence.Board(dist.PrefixStore("board", store), rank, world_size)
 
-    def start(self, local: list[bool]) -> PresenceVote:
+    def start(self, local: list[bool], position: divergence.Position) -> PresenceVote:
         """Issue the OR over the ranks (asynchronously: the caller waits for
         its reductions meanwhile); `PresenceVote.result()` waits for it."""
-        if self.backend is None or not local:
+        if self.backend is None or self.board is None:
             return PresenceVote(local, None, None)
-        flags = torch.tensor(local, dtype=torch.uint8)
+        flags = divergence.encode(local, position, self.board.rank, self.board.world)
         opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MAX
-        return PresenceVote(local, flags, self.backend.allreduce([flags], opts))
+        opts.reduceOp = dist.ReduceOp.SUM
+        return PresenceVote(local, flags, self.backend.allreduce([flags], opts), position, self.board)
 
-    def close(self) -> None:
+    def close(self, position: divergence.Position | None = None) -> None:
+        if self.board is not None and position is not None:
+            self.board.post_closed(position)
         self.backend = None
 
 

@@ -395,6 +395,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.grads.diverged:  # reductions in flight that no peer will join: do not wait for them
+            for u in self.units:
+                u.sched.abort()
         self.grads.close()
         self.sync.close()
 
