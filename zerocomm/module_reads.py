@@ -207,6 +207,9 @@ class ModuleReads:
                 del m.__dict__[_READS]
                 m.__class__ = type(m)._zerocomm_base  # type: ignore[attr-defined]
         self._modules.clear()
+        # forget the schedulers (as BlockHooks.remove does): close() decides
+        # when they are destroyed, never a later garbage collection
+        self._waits_of, self._chunk_waits, self._holders = {}, {}, {}
 
     # -- waits ---------------------------------------------------------------
     def wait_tensor(self, t: Any) -> None:
