@@ -56,6 +56,9 @@ def test_matches_plain_adamw(kind: str, variant: str, tmp_path_factory: pytest.T
     assert len(want[0]["losses"]) == (4 if kind == "trainer" else 4 * 2)
     for r in range(2):
         assert got[r]["losses"] == pytest.approx(want[r]["losses"], abs=1e-5), f"rank {r} losses"
+        # the grad_norm Trainer logs is the global norm, as with plain AdamW
+        assert got[r]["grad_norms"] == pytest.approx(want[r]["grad_norms"], rel=1e-5), f"rank {r} grad_norm"
+        assert len(want[r]["grad_norms"]) == (4 if kind == "trainer" else 0)
         ps, ws = got[r]["params"], want[r]["params"]
         assert ps.keys() == ws.keys()
         worst = max((ps[n].float() - ws[n].float()).abs().max().item() for n in ps)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import guards
+from . import divergence, guards
 from .shard_buffers import ShardBuffers
 from .sync_unit import SyncUnit
 
@@ -43,6 +43,8 @@ class GradPath:
         self.ddp: nn.Module | None = None  # the DDP wrapper whose all-reduce made this step's grads
         self.has_grad: list[list[bool]] | None = None  # per unit, per plan param, once finished
         self._watch = guards.GradWatch()
+        self.position = divergence.Position()  # carried by every vote: [Note: diverged ranks]
+        self.diverged = False  # then collectives are in flight that no peer will join
         self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s) for u in units]
         self._handles: list[Any] = []
         self._states = [self._arm(ui, u) for ui, u in enumerate(units)]
@@ -130,6 +132,7 @@ class GradPath:
             b = st.order[st.launched]
             if st.pending[b] > 0 and not flush:
                 return
+            self.position.reduction_started()
             mode.hand_over(u.buckets[b], st.fired, self._watch.record)
             self._in_flight = True
             st.launched += 1
@@ -173,11 +176,27 @@ class GradPath:
             if self.modes[ui].keeps_grads or not any(self._states[ui].had_grad):
                 self._launch_ready(ui, flush=True)
         # the presence vote travels while the last reductions finish
-        votes = [pres.start(flags) for pres, flags in zip(self._presence, local)]
-        self._wait_all()
+        self.position.steps += 1
+        votes = [pres.start(flags, self.position) for pres, flags in zip(self._presence, local)]
+        try:
+            # The vote first: a rank behind a divergence is stuck in a reduction
+            # nobody joins, but its vote completes and says so ([Note: diverged ranks]).
+            has_grad = [v.result() for v in votes]
+        except divergence.Diverged:
+            self.diverged = True
+            raise
+        except RuntimeError:
+            self._wait_all()  # a dead peer is reported as the failed reduction it is
+            raise
+        try:
+            self._wait_all()
+        except RuntimeError as e:  # behind a divergence a peer detected: say so
+            self.diverged = True
+            divergence.explain(e, [pres.board for pres in self._presence])
+            raise
         for mode in self.modes:
             mode.after_wait()
-        self.has_grad = [v.result() for v in votes]
+        self.has_grad = has_grad
         self._watch.check()
         return self.has_grad
 
@@ -203,6 +222,7 @@ class GradPath:
             st.landed.clear()
         for mode in self.modes:
             mode.new_step()
+        self.position.step_reset()
         self._watch.clear()
         self.has_grad = None
 
@@ -211,4 +231,4 @@ class GradPath:
             h.remove()
         self._handles.clear()
         for pres in self._presence:
-            pres.close()
+            pres.close(self.position)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import divergence
 from .transport import private_gloo
 
 CLIP_HINT = (
@@ -73,24 +74,31 @@ class GradWatch:
 
 @dataclass
 class PresenceVote:
-    """One step's OR of the presence flags, in flight."""
+    """One step's OR of the presence flags, in flight, with every rank's
+    position ([Note: diverged ranks])."""
 
     local: list[bool]
     flags: torch.Tensor | None
     work: Any  # dist.Work, None with one rank
+    position: divergence.Position | None = None
+    board: divergence.Board | None = None
 
     def result(self) -> list[bool]:
-        if self.work is None:
+        if self.work is None or self.position is None or self.board is None:
             return self.local
         try:
-            self.work.wait()
+            divergence.wait_vote(self.work, self.board, self.position)
+        except divergence.Diverged:
+            raise
         except Exception as e:
             raise RuntimeError(
                 "zerocomm: exchanging which parameters have gradients (after every bucket's "
                 f"gradient reduction, before the step) failed: {e}"
             ) from e
         assert self.flags is not None
-        return [x != 0 for x in self.flags.tolist()]
+        flags, positions = divergence.decode(self.flags, len(self.local), self.board.world)
+        divergence.check(positions, self.board)
+        return flags
 
 
 class GradPresence:
@@ -101,23 +109,29 @@ class GradPresence:
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, timeout_s: float) -> None:
         self.backend: Any = None  # a ProcessGroupGloo backend
         self._flags: torch.Tensor | None = None  # reused every step: nothing allocated per step
+        self.board: divergence.Board | None = None  # posts under the same store prefix
         if world_size > 1:
-            self.backend = private_gloo(group, "zerocomm-presence", timeout_s)
+            gloo = private_gloo(group, "zerocomm-presence", timeout_s)
+            self.backend = gloo.backend
+            self.board = divergence.Board(dist.PrefixStore("board", gloo.store), dist.get_rank(group), world_size)
 
-    def start(self, local: list[bool]) -> PresenceVote:
+    def start(self, local: list[bool], position: divergence.Position) -> PresenceVote:
         """Issue the OR over the ranks (asynchronously: the caller waits for
         its reductions meanwhile); `PresenceVote.result()` waits for it."""
-        if self.backend is None or not local:
+        if self.backend is None or self.board is None:
             return PresenceVote(local, None, None)
-        if self._flags is None or self._flags.numel() != len(local):
-            self._flags = torch.zeros(len(local), dtype=torch.uint8)
+        n = len(local) + 2 * self.board.world
+        if self._flags is None or self._flags.numel() != n:
+            self._flags = torch.zeros(n, dtype=torch.int64)
         flags = self._flags
-        flags.numpy()[:] = local  # host memory, written without a torch op
+        divergence.encode_into(flags.numpy(), local, position, self.board.rank)  # no torch op
         opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MAX
-        return PresenceVote(local, flags, self.backend.allreduce([flags], opts))
+        opts.reduceOp = dist.ReduceOp.SUM
+        return PresenceVote(local, flags, self.backend.allreduce([flags], opts), position, self.board)
 
-    def close(self) -> None:
+    def close(self, position: divergence.Position | None = None) -> None:
+        if self.board is not None and position is not None:
+            self.board.post_closed(position)
         self.backend = None
 
 

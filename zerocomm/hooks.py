@@ -48,6 +48,11 @@ class BlockHooks:
         self.tracer = None
         self.on_first_call = None
 
+    @property
+    def pending(self) -> set[Wait]:
+        """Launched buckets no forward has waited for yet (read-only)."""
+        return self._pending
+
     def arm(self, launched: list[Wait]) -> None:
         """Called by launch(): from now on blocks wait for these buckets."""
         self.armed = True

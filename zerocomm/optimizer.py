@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from . import guards
 from .grad_path import GradPath
+from .hparams import HyperParams
 from .param_sync import ParamSync
 from .plan import Plan
 from .shard_buffers import LocalParam, ModeContext, ShardBuffers
@@ -89,6 +90,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._locals: list[LocalParam] = self.buffers.locals()
         self.grads = GradPath(self.units, self.buffers, average_grads)
         self.optim = self._build_local_optimizer(optimizer)
+        self._hparams = HyperParams(optimizer, self.optim)  # either optimizer's hyper-parameter changes count
         self._pieces = tuple(ShardPiece(lp.index, lp.start, lp.numel, lp.group, lp.tensor) for lp in self._locals)
         self.defaults = self.optim.defaults
         # model.load_state_dict after attach: wait for the sync first (it
@@ -157,6 +159,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip by the true global gradient norm across all shards (as
         torch.nn.utils.clip_grad_norm_ would on the unsharded model); returns it."""
+        total_norm = self.grad_norm(norm_type)
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for g in self._local_grads():
+            g.mul_(coef.to(g.dtype))
+        return total_norm
+
+    def clip_grad_value_(self, clip_value: float) -> None:
+        """Clamp every gradient element to [-clip_value, clip_value], as
+        torch.nn.utils.clip_grad_value_ would on the reduced gradients of the
+        unsharded model (element-wise: the shards' clamp is the whole one)."""
+        self._bind_grads()
+        for g in self._local_grads():
+            g.clamp_(-clip_value, clip_value)
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """The global norm of the gradients the next step uses (averaged over
+        the ranks, or DDP's), without changing them: for logging and spike
+        detection. A collective over the group: call it on every rank."""
         self._bind_grads()
         norm_type = float(norm_type)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -179,15 +199,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if u.transport.world_size > 1:
                     dist.all_reduce(part, group=u.group)
                 total = total + part
-        total_norm = total if norm_type == math.inf else total ** (1.0 / norm_type)
-        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        for g in self._local_grads():
-            g.mul_(coef.to(g.dtype))
-        return total_norm
+        return total if norm_type == math.inf else total ** (1.0 / norm_type)
 
     # -- optimizer interface ----------------------------------------------
     @property
     def param_groups(self) -> list[dict]:
+        if "_hparams" in self.__dict__:
+            self._hparams.sync()
         return self.optim.param_groups
 
     @param_groups.setter
@@ -216,6 +234,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "checks see only this rank's shard. Train in bf16 (no scaler needed), or scale the "
                 "loss yourself and pass the inverse to zopt.clip_grad_norm_"
             )
+        self._hparams.sync()
+        self._hparams.stepped()
         guards.check_trainable(self._unplanned)
         with self.sync.launching() as launch:  # checks the parameter bindings first
             if launch.moved or self._versions_changed():
@@ -383,6 +403,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.grads.diverged:  # reductions in flight that no peer will join: do not wait for them
+            for u in self.units:
+                u.sched.abort()
         self.grads.close()
         self.sync.close()  # waits for every outstanding sync and reduction first
         self.buffers.release_grads()

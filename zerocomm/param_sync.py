@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import telemetry
+from . import module_reads, telemetry
 from .hooks import BlockHooks, Wait
 from .plan import Plan
 from .sync_unit import PlannedUnit, SyncUnit, build_unit, owned_pieces, plan_units
@@ -105,6 +105,8 @@ class ParamSync:
         self._slots = _slots(chunks, self.units)
         self.hooks = BlockHooks(waits, roots, on_first_call=self._record_first_call)
         self.hooks.install()
+        # reads of the parameters outside a forward wait for the sync ([Note: reads after step])
+        self.reads = module_reads.build(chunks, self.units, self.hooks, device)
         register_open(self)
 
     # -- public API -----------------------------------------------------
@@ -148,6 +150,7 @@ class ParamSync:
         finally:
             if launch.enqueued:
                 self.hooks.arm(launch.enqueued)
+                self.reads.launched(launch.enqueued)
 
     def rebind_moved_params(self) -> list[str]:
         """[Note: user writes between steps] A parameter whose `.data` was
@@ -197,6 +200,7 @@ class ParamSync:
         self._check_open()
         for u in self.units:
             u.sched.synchronize()
+        self.reads.settled()
 
     # -- telemetry ------------------------------------------------------
     def enable_tracing(self, on: bool = True) -> None:
@@ -229,6 +233,7 @@ class ParamSync:
         if self._closed:
             return
         self._closed = True
+        self.reads.remove()  # waits for nothing: the model's own classes and dicts again
         self.hooks.remove()  # also drops the hooks' references to the schedulers
         for u in self.units:
             try:

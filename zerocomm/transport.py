@@ -14,7 +14,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -78,15 +78,23 @@ def _broadcast_from_group_rank0(value: object, group: dist.ProcessGroup | None) 
     return box[0]
 
 
-def private_gloo(group: dist.ProcessGroup | None, tag: str, timeout_s: float) -> dist.ProcessGroupGloo:
+class PrivateGloo(NamedTuple):
+    """A gloo backend of zerocomm's own and the store prefix it rendezvoused on."""
+
+    backend: dist.ProcessGroupGloo
+    store: dist.PrefixStore
+
+
+def private_gloo(group: dist.ProcessGroup | None, tag: str, timeout_s: float) -> PrivateGloo:
     """A gloo backend of zerocomm's own over the ranks of `group`, on a fresh
     prefix of the default store (rank 0 of the group picks it): never the
     user's group, which may be busy with the user's own collectives. The one
-    place such a backend is made (the CPU transport, the presence vote)."""
+    place such a backend is made (the CPU transport, the presence vote, which
+    also posts to the store: [Note: diverged ranks])."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     prefix = cast(str, _broadcast_from_group_rank0(f"{tag}/{uuid.uuid4().hex}" if rank == 0 else None, group))
     store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
-    return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
+    return PrivateGloo(dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s)), store)
 
 
 def open_transport(
@@ -118,5 +126,5 @@ def open_transport(
         uid = cast(bytes, _broadcast_from_group_rank0(_C.nccl_unique_id() if rank == 0 else None, group))
         comm = _C.nccl_communicator(uid, rank, size, cuda_index, int(timeout_s * 1000))
     else:
-        comm = _C.c10d_communicator(private_gloo(group, "zerocomm", timeout_s), int(timeout_s * 1000))
+        comm = _C.c10d_communicator(private_gloo(group, "zerocomm", timeout_s).backend, int(timeout_s * 1000))
     return Transport(stream, comm, rank, size, timeout_s)

@@ -80,13 +80,22 @@ def make_trainer(variant: str, out: str, save_steps: int, callbacks: list | None
     return model, trainer
 
 
+GRAD_NORMS: list[float] = []  # this process's run_trainer fills it (one run per process)
+
+
 def losses_of(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def grad_norms_of(trainer) -> list[float]:
+    """The grad_norm Trainer logs (the norm max_grad_norm clipping measured)."""
+    return [float(h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h]
 
 
 def run_trainer(variant: str, out: str) -> tuple[torch.nn.Module, list[float]]:
     model, trainer = make_trainer(variant, out, save_steps=STEPS)
     trainer.train()
+    GRAD_NORMS.extend(grad_norms_of(trainer))
     return model, losses_of(trainer)
 
 
@@ -146,7 +155,7 @@ def main() -> None:
     rank = dist.get_rank()
     # state_dict() waits for zerocomm's parameter sync by itself
     params = {n: t.clone() for n, t in model.state_dict().items()}
-    torch.save({"params": params, "losses": losses}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"params": params, "losses": losses, "grad_norms": GRAD_NORMS}, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -21,18 +21,9 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from ..optimizer import ZeroOptimizer
+from . import find_zero_optimizer
 
-
-def find_zero_optimizer(optimizer: object) -> ZeroOptimizer | None:
-    """The ZeroOptimizer inside wrappers such as Accelerate's AcceleratedOptimizer."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, ZeroOptimizer):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
+__all__ = ["ZeroTrainer", "find_zero_optimizer"]
 
 
 class ZeroTrainer(Trainer):
