@@ -52,16 +52,18 @@ SyncScheduler::~SyncScheduler() {
   // reuses the memory only after the comm stream has passed this point; CPU:
   // the queued tasks hold the buckets, and the stream drains before it goes.
   if (!drained) {
-    auto keep = [this](const std::vector<std::shared_ptr<Bucket>>& buckets) {
-      for (const auto& b : buckets) {
-        for (const auto* t : {&b->flat, &b->shard})
-          if (t->defined()) stream_->keep_alive(*t);
-        for (const auto& t : b->copy_in) stream_->keep_alive(t);
-        for (const auto& t : b->copy_out) stream_->keep_alive(t);
-      }
+    auto keep = [this](const at::Tensor& t) {
+      if (t.defined()) stream_->keep_alive(t);
     };
-    keep(params_);
-    keep(grads_);
+    for (const auto& b : params_) {
+      keep(b->flat);
+      for (const auto& t : b->copy_in) keep(t);
+      for (const auto& t : b->copy_out) keep(t);
+    }
+    for (const auto& b : grads_) {
+      keep(b->flat);
+      keep(b->shard);
+    }
   }
 }
 
