@@ -78,7 +78,7 @@ smoke-oldest:
 	rm -rf $(OLDEST_VENV)/src && mkdir -p $(OLDEST_VENV)/src
 	git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t $(OLDEST_VENV)/src
 	cd $(OLDEST_VENV)/src && CUDA_HOME=$(CUDA_HOME) ../bin/pip install -v --no-build-isolation . > ../build.log 2>&1 \
-	  || { tail -50 $(OLDEST_VENV)/build.log; exit 1; }
+	  || { tail -50 ../build.log; exit 1; }
 	grep -E "zerocomm: building" $(OLDEST_VENV)/build.log
 	cd $(OLDEST_VENV) && bin/python -c "import json, zerocomm; print(zerocomm.__file__, json.dumps(zerocomm.build_info())); \
 	  assert 'site-packages' in zerocomm.__file__"

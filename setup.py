@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 
 
