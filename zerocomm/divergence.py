@@ -150,7 +150,7 @@ def wait_vote(work: Any, board: Board, pos: Position) -> None:
                 next_check = time.monotonic() + _POLL_S
                 _closed_peers(board, pos)
             time.sleep(delay)
-            delay = min(2 * delay, 0.01)
+            delay = min(2 * delay, 1e-3)  # overshoot past completion stays under 1 ms
         work.wait()  # completed: raises the collective's error, if any
     except Diverged:
         raise
