@@ -196,8 +196,8 @@ std::unique_ptr<SyncScheduler> make_scheduler(
     const std::shared_ptr<Communicator>& comm, Tensors& t) {
   auto sched = std::make_unique<SyncScheduler>(stream, comm, 10000);
   sched->add_param_bucket(t.flat, {t.in}, {0}, {t.out}, {0}, 0, "p0");
-  sched->add_grad_bucket(t.grad_flat, t.grad_shard, {0}, {8},
-                         zerocomm::kReduceScatter, "g0");
+  sched->add_grad_bucket(t.grad_flat, t.grad_shard, {0}, {8}, /*root=*/-1, "g0",
+                         zerocomm::Collective::kReduceScatter);
   return sched;
 }
 
