@@ -24,6 +24,7 @@
 #include "communicator.h"
 #include "scheduler.h"
 #include "stream.h"
+#include "tests/check.h"
 #include "watchdog.h"
 
 namespace {
@@ -35,38 +36,13 @@ using zerocomm::Millis;
 using zerocomm::Stream;
 using zerocomm::SyncScheduler;
 using zerocomm::Watchdog;
-using Clock = std::chrono::steady_clock;
+using zerocomm_test::Clock;
 
-constexpr Millis kLong{10000};
-int g_check_failures = 0;
-
-#define EXPECT(cond)                                                  \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      ++g_check_failures;                                             \
-      std::fprintf(stderr, "  CHECK failed at %s:%d: %s\n", __FILE__, \
-                   __LINE__, #cond);                                  \
-    }                                                                 \
-  } while (0)
-
-#define EXPECT_MSG(cond, msg)                                              \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      ++g_check_failures;                                                  \
-      std::fprintf(stderr, "  CHECK failed at %s:%d: %s (%s)\n", __FILE__, \
-                   __LINE__, #cond, std::string(msg).c_str());             \
-    }                                                                      \
-  } while (0)
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
-void sleep_ms(int ms) { std::this_thread::sleep_for(Millis(ms)); }
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+using zerocomm_test::contains;
+using zerocomm_test::g_check_failures;
+using zerocomm_test::kLong;
+using zerocomm_test::seconds_since;
+using zerocomm_test::sleep_ms;
 
 // The message of what `fn` throws, or "" when it returns.
 std::string error_of(const std::function<void()>& fn) {

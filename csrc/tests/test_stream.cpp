@@ -1,7 +1,7 @@
 // Unit tests for the CPU stream/event implementation (csrc/cpu_stream.cpp).
-// A plain program run by ctest: each test is a function, CHECK records a
-// failure and carries on, the last line is "N passed, N failed" and the exit
-// status is non-zero when anything failed.
+// A plain program run by ctest: each test is a function, EXPECT (tests/check.h)
+// records a failure and carries on, the last line is "N passed, N failed" and
+// the exit status is non-zero when anything failed.
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "stream.h"
+#include "tests/check.h"
 
 namespace {
 
@@ -25,40 +26,13 @@ using zerocomm::CpuStream;
 using zerocomm::Event;
 using zerocomm::Millis;
 using zerocomm::Stream;
-using Clock = std::chrono::steady_clock;
+using zerocomm_test::Clock;
 
-// Generous: only reached when something is broken, never on a healthy run.
-constexpr Millis kLong{10000};
-
-int g_check_failures = 0;
-
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      ++g_check_failures;                                             \
-      std::fprintf(stderr, "  CHECK failed at %s:%d: %s\n", __FILE__, \
-                   __LINE__, #cond);                                  \
-    }                                                                 \
-  } while (0)
-
-#define CHECK_MSG(cond, msg)                                               \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      ++g_check_failures;                                                  \
-      std::fprintf(stderr, "  CHECK failed at %s:%d: %s (%s)\n", __FILE__, \
-                   __LINE__, #cond, std::string(msg).c_str());             \
-    }                                                                      \
-  } while (0)
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
-void sleep_ms(int ms) { std::this_thread::sleep_for(Millis(ms)); }
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+using zerocomm_test::contains;
+using zerocomm_test::g_check_failures;
+using zerocomm_test::kLong;
+using zerocomm_test::seconds_since;
+using zerocomm_test::sleep_ms;
 
 // ---------------------------------------------------------------------------
 
@@ -67,10 +41,10 @@ void test_fifo_order() {
   std::vector<int> seen;  // touched only by the worker until the event fires
   for (int i = 0; i < 1000; ++i) s.enqueue([&seen, i] { seen.push_back(i); });
   s.record()->synchronize(kLong, "fifo");
-  CHECK(seen.size() == 1000);
+  EXPECT(seen.size() == 1000);
   bool in_order = seen.size() == 1000;
   for (int i = 0; in_order && i < 1000; ++i) in_order = seen[i] == i;
-  CHECK(in_order);
+  EXPECT(in_order);
 }
 
 void test_record_waits_for_preceding_tasks() {
@@ -81,15 +55,15 @@ void test_record_waits_for_preceding_tasks() {
     ran = true;
   });
   auto ev = s.record();
-  CHECK(!ev->query());  // the 50 ms task is still running
-  CHECK(!ran);
+  EXPECT(!ev->query());  // the 50 ms task is still running
+  EXPECT(!ran);
   ev->synchronize(kLong, "slow task");
-  CHECK(ran);
-  CHECK(ev->query());
+  EXPECT(ran);
+  EXPECT(ev->query());
   // An event recorded on an idle stream completes promptly too.
   auto idle = s.record();
   idle->synchronize(kLong, "idle");
-  CHECK(idle->query());
+  EXPECT(idle->query());
 }
 
 void test_many_events_complete_in_order() {
@@ -103,7 +77,7 @@ void test_many_events_complete_in_order() {
     events.push_back(s.record());
   }
   events.back()->synchronize(kLong, "last of many");
-  CHECK(counter == kN);
+  EXPECT(counter == kN);
   int incomplete = 0, out_of_order = 0;
   for (int i = 0; i < kN; ++i) {
     if (!events[i]->query()) ++incomplete;
@@ -115,8 +89,8 @@ void test_many_events_complete_in_order() {
         ++out_of_order;
     }
   }
-  CHECK_MSG(incomplete == 0, std::to_string(incomplete) + " incomplete");
-  CHECK_MSG(out_of_order == 0, std::to_string(out_of_order) + " out of order");
+  EXPECT_MSG(incomplete == 0, std::to_string(incomplete) + " incomplete");
+  EXPECT_MSG(out_of_order == 0, std::to_string(out_of_order) + " out of order");
 }
 
 void test_exception_propagates_and_poisons() {
@@ -132,18 +106,18 @@ void test_exception_propagates_and_poisons() {
 
   // Events recorded before the failure are clean.
   ok->synchronize(kLong, "before failure");
-  CHECK(ok->query());
+  EXPECT(ok->query());
 
   bool threw = false;
   try {
     bad->synchronize(kLong, "after failure");
   } catch (const std::runtime_error& e) {
     threw = true;
-    CHECK_MSG(std::string(e.what()) == "boom: bucket 7 failed", e.what());
+    EXPECT_MSG(std::string(e.what()) == "boom: bucket 7 failed", e.what());
   } catch (...) {
-    CHECK_MSG(false, "synchronize threw something other than runtime_error");
+    EXPECT_MSG(false, "synchronize threw something other than runtime_error");
   }
-  CHECK(threw);
+  EXPECT(threw);
 
   // query() rethrows the same error instead of returning true.
   threw = false;
@@ -151,9 +125,9 @@ void test_exception_propagates_and_poisons() {
     (void)bad->query();
   } catch (const std::runtime_error& e) {
     threw = true;
-    CHECK(std::string(e.what()) == "boom: bucket 7 failed");
+    EXPECT(std::string(e.what()) == "boom: bucket 7 failed");
   }
-  CHECK(threw);
+  EXPECT(threw);
 
   // Every later event carries the error (the stream stays poisoned).
   threw = false;
@@ -161,11 +135,11 @@ void test_exception_propagates_and_poisons() {
     later->synchronize(kLong, "later");
   } catch (const std::runtime_error& e) {
     threw = true;
-    CHECK(std::string(e.what()) == "boom: bucket 7 failed");
+    EXPECT(std::string(e.what()) == "boom: bucket 7 failed");
   }
-  CHECK(threw);
-  CHECK(before == 1);
-  CHECK(after == 0);
+  EXPECT(threw);
+  EXPECT(before == 1);
+  EXPECT(after == 0);
 
   // block_current on a CPU event is synchronize: it rethrows as well.
   threw = false;
@@ -174,7 +148,7 @@ void test_exception_propagates_and_poisons() {
   } catch (const std::runtime_error&) {
     threw = true;
   }
-  CHECK(threw);
+  EXPECT(threw);
 }
 
 void test_synchronize_timeout() {
@@ -188,22 +162,22 @@ void test_synchronize_timeout() {
   } catch (const c10::Error& e) {
     threw = true;
     const std::string msg = e.what();
-    CHECK_MSG(contains(msg, "timed out"), msg);
-    CHECK_MSG(contains(msg, "the gradient reduce-scatter"), msg);
-    CHECK_MSG(contains(msg, "50 ms"), msg);
+    EXPECT_MSG(contains(msg, "timed out"), msg);
+    EXPECT_MSG(contains(msg, "the gradient reduce-scatter"), msg);
+    EXPECT_MSG(contains(msg, "50 ms"), msg);
   } catch (...) {
-    CHECK_MSG(false, "timeout threw something other than c10::Error");
+    EXPECT_MSG(false, "timeout threw something other than c10::Error");
   }
   const double waited = seconds_since(t0);
-  CHECK(threw);
+  EXPECT(threw);
   // Returned on the timeout, well before the 500 ms task finished.
-  CHECK_MSG(waited >= 0.045 && waited < 0.45, std::to_string(waited) + " s");
+  EXPECT_MSG(waited >= 0.045 && waited < 0.45, std::to_string(waited) + " s");
   // The event is still pending (unless this process was starved for ~0.5 s)
   // and completes once the task is done.
   const bool pending = !ev->query();
-  CHECK(pending || seconds_since(t0) >= 0.45);
+  EXPECT(pending || seconds_since(t0) >= 0.45);
   ev->synchronize(kLong, "after timeout");
-  CHECK(ev->query());
+  EXPECT(ev->query());
 }
 
 void test_cross_stream_wait() {
@@ -219,8 +193,8 @@ void test_cross_stream_wait() {
   b.enqueue([&side_effect, &observed] { observed = side_effect.load(); });
   auto b_done = b.record();
   b_done->synchronize(kLong, "stream B");
-  CHECK(observed == 42);
-  CHECK(a_done->query());
+  EXPECT(observed == 42);
+  EXPECT(a_done->query());
 }
 
 void test_cross_stream_wait_propagates_error_and_timeout() {
@@ -236,10 +210,10 @@ void test_cross_stream_wait_propagates_error_and_timeout() {
       b.record()->synchronize(kLong, "stream B");
     } catch (const std::runtime_error& e) {
       threw = true;
-      CHECK(std::string(e.what()) == "peer A died");
+      EXPECT(std::string(e.what()) == "peer A died");
     }
-    CHECK(threw);
-    CHECK(!ran);
+    EXPECT(threw);
+    EXPECT(!ran);
   }
   // B's wait times out: B's later events fail with the timeout, naming it.
   {
@@ -252,10 +226,10 @@ void test_cross_stream_wait_propagates_error_and_timeout() {
     } catch (const c10::Error& e) {
       threw = true;
       const std::string msg = e.what();
-      CHECK_MSG(contains(msg, "timed out") && contains(msg, "stalled peer"),
-                msg);
+      EXPECT_MSG(contains(msg, "timed out") && contains(msg, "stalled peer"),
+                 msg);
     }
-    CHECK(threw);
+    EXPECT(threw);
   }
 }
 
@@ -266,14 +240,14 @@ void test_elapsed_since() {
   auto end = s.record();
   end->synchronize(kLong, "elapsed");
   const double dt = end->elapsed_since(*start);
-  CHECK_MSG(dt >= 0.049 && dt < 5.0, std::to_string(dt) + " s");
-  CHECK(start->elapsed_since(*start) == 0.0);
+  EXPECT_MSG(dt >= 0.049 && dt < 5.0, std::to_string(dt) + " s");
+  EXPECT(start->elapsed_since(*start) == 0.0);
   // Two back-to-back events: non-negative, small.
   auto e1 = s.record();
   auto e2 = s.record();
   e2->synchronize(kLong, "back to back");
   const double small = e2->elapsed_since(*e1);
-  CHECK_MSG(small >= 0.0 && small < 1.0, std::to_string(small) + " s");
+  EXPECT_MSG(small >= 0.0 && small < 1.0, std::to_string(small) + " s");
 
   // Mixing event kinds is refused.
   struct OtherEvent final : Event {
@@ -288,7 +262,7 @@ void test_elapsed_since() {
   } catch (const c10::Error&) {
     threw = true;
   }
-  CHECK(threw);
+  EXPECT(threw);
 }
 
 void test_destructor_drains_queue() {
@@ -298,7 +272,7 @@ void test_destructor_drains_queue() {
     s.enqueue([] { sleep_ms(30); });  // keeps the rest queued at destruction
     for (int i = 0; i < 200; ++i) s.enqueue([&ran] { ++ran; });
   }
-  CHECK_MSG(ran == 200, std::to_string(ran.load()) + " of 200 ran");
+  EXPECT_MSG(ran == 200, std::to_string(ran.load()) + " of 200 ran");
 
   // Through the abstract interface (shared_ptr<Stream>) as the scheduler
   // holds it.
@@ -308,36 +282,36 @@ void test_destructor_drains_queue() {
     s->enqueue([] { sleep_ms(30); });
     for (int i = 0; i < 50; ++i) s->enqueue([&ran2] { ++ran2; });
   }
-  CHECK(ran2 == 50);
+  EXPECT(ran2 == 50);
 }
 
 void test_record_current_is_complete() {
   CpuStream s;
   s.enqueue([] { sleep_ms(100); });  // the stream itself is busy
   auto now = s.record_current();
-  CHECK(now->query());
+  EXPECT(now->query());
   bool threw = false;
   try {
     now->synchronize(Millis(0), "record_current");
   } catch (...) {
     threw = true;
   }
-  CHECK(!threw);
+  EXPECT(!threw);
   auto busy = s.record();
-  CHECK(!busy->query());
+  EXPECT(!busy->query());
 }
 
 void test_make_stream_cpu() {
   std::shared_ptr<Stream> s = zerocomm::make_stream(-1, false);
-  CHECK(s != nullptr);
+  EXPECT(s != nullptr);
   if (!s) return;
-  CHECK(!s->is_cuda());
-  CHECK(dynamic_cast<CpuStream*>(s.get()) != nullptr);
+  EXPECT(!s->is_cuda());
+  EXPECT(dynamic_cast<CpuStream*>(s.get()) != nullptr);
   std::vector<int> seen;
   for (int i = 0; i < 100; ++i) s->enqueue([&seen, i] { seen.push_back(i); });
   auto ev = s->record();
   ev->synchronize(kLong, "make_stream");
-  CHECK(seen.size() == 100 && seen.front() == 0 && seen.back() == 99);
+  EXPECT(seen.size() == 100 && seen.front() == 0 && seen.back() == 99);
   // wait() on an event of another stream via the interface.
   std::shared_ptr<Stream> t = zerocomm::make_stream(-1, true);
   std::atomic<int> x{0}, y{0};
@@ -348,7 +322,7 @@ void test_make_stream_cpu() {
   t->wait(s->record(), kLong, "s");
   t->enqueue([&x, &y] { y = x.load() + 1; });
   t->record()->synchronize(kLong, "t");
-  CHECK(y == 2);
+  EXPECT(y == 2);
 #ifndef ZEROCOMM_WITH_CUDA
   // A CPU-only build refuses a CUDA stream with a ValueError.
   bool threw = false;
@@ -356,9 +330,9 @@ void test_make_stream_cpu() {
     (void)zerocomm::make_stream(0, false);
   } catch (const c10::ValueError& e) {
     threw = true;
-    CHECK_MSG(contains(e.what(), "without CUDA"), e.what());
+    EXPECT_MSG(contains(e.what(), "without CUDA"), e.what());
   }
-  CHECK(threw);
+  EXPECT(threw);
 #endif
 }
 
