@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <exception>
 #include <string>
 #include <thread>
 
@@ -29,6 +31,44 @@ inline void sleep_ms(int ms) {
 
 inline double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+struct NamedTest {
+  const char* name;
+  void (*fn)();
+};
+
+// Runs the tests whose name contains `filter` (all when empty): one
+// PASS/FAIL line each, then "N passed, N failed". The process exit status.
+template <size_t N>
+int run_tests(const NamedTest (&tests)[N], const std::string& filter) {
+  int passed = 0, failed = 0;
+  for (const auto& t : tests) {
+    if (!filter.empty() && !contains(t.name, filter)) continue;
+    const int before = g_check_failures;
+    const auto t0 = Clock::now();
+    bool escaped = false;
+    try {
+      t.fn();
+    } catch (const std::exception& e) {
+      escaped = true;
+      std::fprintf(stderr, "  unexpected exception: %s\n", e.what());
+    } catch (...) {
+      escaped = true;
+      std::fprintf(stderr, "  unexpected non-std exception\n");
+    }
+    const bool ok = !escaped && g_check_failures == before;
+    (ok ? passed : failed)++;
+    std::printf("[%s] %s (%.3f s)\n", ok ? "PASS" : "FAIL", t.name,
+                seconds_since(t0));
+    std::fflush(stdout);
+  }
+  if (passed + failed == 0) {
+    std::printf("no test matches '%s'\n", filter.c_str());
+    return 2;
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
 
 }  // namespace zerocomm_test

@@ -228,12 +228,7 @@ void test_capture_is_refused_with_a_clear_error() {
   EXPECT(!comm->aborted());
 }
 
-struct Test {
-  const char* name;
-  void (*fn)();
-};
-
-const Test kTests[] = {
+const zerocomm_test::NamedTest kTests[] = {
     {"watchdog_ignores_time_before_the_work_starts",
      test_watchdog_ignores_time_before_the_work_starts},
     {"watchdog_times_out_work_that_started",
@@ -252,32 +247,5 @@ const Test kTests[] = {
 
 // Usage: test_scheduler [name-substring]  (runs the matching tests, else all)
 int main(int argc, char** argv) {
-  const std::string filter = argc > 1 ? argv[1] : "";
-  int passed = 0, failed = 0;
-  for (const auto& t : kTests) {
-    if (!filter.empty() && !contains(t.name, filter)) continue;
-    const int before = g_check_failures;
-    const auto t0 = Clock::now();
-    bool escaped = false;
-    try {
-      t.fn();
-    } catch (const std::exception& e) {
-      escaped = true;
-      std::fprintf(stderr, "  unexpected exception: %s\n", e.what());
-    } catch (...) {
-      escaped = true;
-      std::fprintf(stderr, "  unexpected non-std exception\n");
-    }
-    const bool ok = !escaped && g_check_failures == before;
-    (ok ? passed : failed)++;
-    std::printf("[%s] %s (%.3f s)\n", ok ? "PASS" : "FAIL", t.name,
-                seconds_since(t0));
-    std::fflush(stdout);
-  }
-  if (passed + failed == 0) {
-    std::printf("no test matches '%s'\n", filter.c_str());
-    return 2;
-  }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return zerocomm_test::run_tests(kTests, argc > 1 ? argv[1] : "");
 }

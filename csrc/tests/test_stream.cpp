@@ -336,12 +336,7 @@ void test_make_stream_cpu() {
 #endif
 }
 
-struct NamedTest {
-  const char* name;
-  void (*fn)();
-};
-
-const NamedTest kTests[] = {
+const zerocomm_test::NamedTest kTests[] = {
     {"fifo_order", test_fifo_order},
     {"record_waits_for_preceding_tasks", test_record_waits_for_preceding_tasks},
     {"many_events_complete_in_order", test_many_events_complete_in_order},
@@ -360,32 +355,5 @@ const NamedTest kTests[] = {
 
 // Usage: test_stream [name-substring]  (runs the matching tests, else all)
 int main(int argc, char** argv) {
-  const std::string filter = argc > 1 ? argv[1] : "";
-  int passed = 0, failed = 0;
-  for (const auto& t : kTests) {
-    if (!filter.empty() && !contains(t.name, filter)) continue;
-    const int before = g_check_failures;
-    const auto t0 = Clock::now();
-    bool escaped = false;
-    try {
-      t.fn();
-    } catch (const std::exception& e) {
-      escaped = true;
-      std::fprintf(stderr, "  unexpected exception: %s\n", e.what());
-    } catch (...) {
-      escaped = true;
-      std::fprintf(stderr, "  unexpected non-std exception\n");
-    }
-    const bool ok = !escaped && g_check_failures == before;
-    (ok ? passed : failed)++;
-    std::printf("[%s] %s (%.3f s)\n", ok ? "PASS" : "FAIL", t.name,
-                seconds_since(t0));
-    std::fflush(stdout);
-  }
-  if (passed + failed == 0) {
-    std::printf("no test matches '%s'\n", filter.c_str());
-    return 2;
-  }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return zerocomm_test::run_tests(kTests, argc > 1 ? argv[1] : "");
 }
