@@ -9,7 +9,9 @@ import tempfile
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
+import torch.nn as nn
 
 
 def free_port() -> int:
@@ -78,3 +80,16 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0, expe
     if errors:
         raise RuntimeError("\n".join(errors))
     return [res["ok"] for res in results]
+
+
+def tiny_mlp() -> nn.Module:
+    """A 3-layer MLP with fixed initial weights, the same on every rank and process."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def tiny_mlp_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
+    """The loss of `tiny_mlp` on this rank's batch of this step (seeded by both)."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    x, y = torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)
+    return ((model(x) - y) ** 2).mean()

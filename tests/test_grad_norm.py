@@ -11,23 +11,13 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 from dist_utils import run_ranks
+from dist_utils import tiny_mlp as _net
+from dist_utils import tiny_mlp_loss as _loss
 
 WORLD = 2
 STEPS = 3
 MODES = ("broadcast", "allgather")
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
-
-
-def _loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 * step + rank)
-    x, y = torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)
-    return ((model(x) - y) ** 2).mean()
 
 
 def _reference() -> dict:
