@@ -67,6 +67,7 @@ class _Allocations(TorchDispatchMode):
 # -- the jobs ----------------------------------------------------------------------
 def _views_job(rank: int, world: int, mode: str, shard_grads: bool) -> dict:
     import zerocomm
+    from zerocomm.handed_over import HandedOver
 
     torch.manual_seed(0)
     model = Net()
@@ -93,7 +94,8 @@ def _views_job(rank: int, world: int, mode: str, shard_grads: bool) -> dict:
                         if rec.grad_flat is not None:
                             views.append(p.grad is not None and _storage(p.grad) == _storage(rec.grad_flat))
                         else:
-                            views.append(p.grad is None)  # ZeRO-2: released once handed over
+                            # ZeRO-2: released once handed over (a marker without storage)
+                            views.append(isinstance(p.grad, HandedOver))
             out["params_are_views"] = all(shared)
             out["grads_are_views"] = all(views)
             with _Allocations() as mode_:
@@ -197,6 +199,7 @@ def _exact_job(rank: int, world: int) -> dict:
         out[mode, "outside_zero_grad"] = _train(rank, mode, "outside_zero_grad", False)
         out[mode, "abandoned"] = _train(rank, mode, "abandoned", False)
     out["zero2", "abandoned"] = _train(rank, "allgather", "abandoned", True)
+    out["zero2", "outside_zero_grad"] = _train(rank, "allgather", "outside_zero_grad", True)
     # close() gives p.grad its own memory: the buckets go with the handle
     torch.manual_seed(0)
     model = Net()
@@ -216,11 +219,38 @@ def _stale_job(rank: int, world: int, mode: str) -> str:
 
     torch.manual_seed(0)
     model = Net()
-    zopt = zerocomm.attach(model, torch.optim.AdamW(model.parameters()), mode=mode, bucket_mb=0.001)
+    zero2 = mode == "zero2"
+    mode = "allgather" if zero2 else mode
+    zopt = zerocomm.attach(model, torch.optim.AdamW(model.parameters()), mode=mode, bucket_mb=0.001, shard_grads=zero2)
     try:
         _loss(model, 0, rank).backward()
         zopt.step()  # no zero_grad: the next backward would add to the reduction's result
         _loss(model, 1, rank).backward()
+        zopt.step()
+        return "no error"
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        zopt.close()
+
+
+def _torch_clip_job(rank: int, world: int, how: str) -> str:
+    """ZeRO-2: torch's own clipping on the model's parameters after backward."""
+    import zerocomm
+
+    torch.manual_seed(0)
+    model = Net()
+    zopt = zerocomm.attach(
+        model, torch.optim.AdamW(model.parameters()), mode="allgather", bucket_mb=0.001, shard_grads=True
+    )
+    try:
+        _loss(model, 0, rank).backward()
+        if how == "norm":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        elif how == "value":
+            torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+        else:  # logging the per-parameter gradient norms
+            sum(p.grad.norm() for p in model.parameters() if p.grad is not None)
         zopt.step()
         return "no error"
     except RuntimeError as e:
@@ -316,7 +346,7 @@ def test_zero2_exact_against_plain_torch(case: str) -> None:
         assert torch.equal(t, res[1]["zero2", case][n]), f"ranks differ in {n}"
 
 
-@pytest.mark.parametrize("mode", ["broadcast", "allgather"])
+@pytest.mark.parametrize("mode", ["broadcast", "allgather", "zero2"])
 def test_zero_grad_from_outside_is_exact(mode: str) -> None:
     """model.zero_grad(set_to_none=False) zeroes zerocomm's gradient views in
     place: the next backward starts from zero, as in torch."""
@@ -342,10 +372,19 @@ def test_close_releases_gradient_views() -> None:
     assert all(r["closed_grads_own"] for r in _exact())
 
 
-@pytest.mark.parametrize("mode", ["broadcast", "allgather"])
+@pytest.mark.parametrize("mode", ["broadcast", "allgather", "zero2"])
 def test_backward_without_zero_grad_raises(mode: str) -> None:
     for msg in run_ranks(_stale_job, WORLD, mode, timeout=120):
         assert "zopt.zero_grad()" in msg and "left from the last step" in msg, msg
+
+
+@pytest.mark.parametrize("how", ["norm", "value", "read"])
+def test_zero2_torch_clipping_raises_on_every_rank(how: str) -> None:
+    """shard_grads=True: the full gradient exists nowhere after hand-over, so
+    torch's clipping (or any read of p.grad) must fail loudly, not find no
+    gradient and quietly do nothing."""
+    for msg in run_ranks(_torch_clip_job, WORLD, how, timeout=120):
+        assert "shard_grads=True" in msg and "zopt.clip_grad_norm_" in msg, msg
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import divergence, guards
+from .handed_over import HandedOver
 from .shard_buffers import ShardBuffers
 from .sync_unit import SyncUnit
 
@@ -64,7 +65,25 @@ class GradPath:
                 p = plan.params[i].param
                 st.where[id(p)] = (b.index, k)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(ui, plan.params[i].name)))
+                if not self.modes[ui].keeps_grads:
+                    self._handles.append(p.register_hook(self._drop_marker(p)))
         return st
+
+    @staticmethod
+    def _drop_marker(p: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        """ZeRO-2, before backward accumulates into `p`: a gradient handed
+        over earlier in this step is in the kept slice already (start from
+        None); one a step has used needed zero_grad() first ([Note:
+        handed-over gradients])."""
+
+        def pre_hook(grad: torch.Tensor) -> None:
+            marker = p.grad
+            if isinstance(marker, HandedOver):
+                if marker.stale and not marker.zeroed:
+                    raise guards.stale_gradient(marker.param_name)
+                p.grad = None
+
+        return pre_hook
 
     def _hook(self, ui: int, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
@@ -106,13 +125,8 @@ class GradPath:
         add to the old gradient, which zerocomm no longer has."""
         if rec.grad_flat is None or p.grad is not rec.grad_views[k]:
             return
-        stale = self._stale.get(id(rec.grad_flat))
-        if stale is not None:
-            raise RuntimeError(
-                f"zerocomm: backward accumulated into the gradient of {name!r} left from the last "
-                "step, whose buffer zerocomm's reduction has overwritten; call zopt.zero_grad() "
-                "after every step (to accumulate gradients over micro-batches, use zopt.no_sync())"
-            )
+        if self._stale.get(id(rec.grad_flat)) is not None:
+            raise guards.stale_gradient(name)
 
     def _end_backward(self) -> None:
         """ZeRO-2: the end of a backward: flush every bucket not reduced in

@@ -32,11 +32,21 @@ CLIP_HINT = (
 )
 
 
+def stale_gradient(name: str) -> RuntimeError:
+    """A backward into a gradient a step has used, with no zero_grad() in
+    between: torch would add to it, zerocomm no longer has it."""
+    return RuntimeError(
+        f"zerocomm: backward accumulated into the gradient of {name!r} left from the last "
+        "step, whose buffer zerocomm's reduction has overwritten; call zopt.zero_grad() "
+        "after every step (to accumulate gradients over micro-batches, use zopt.no_sync())"
+    )
+
+
 @dataclass
 class _Handed:
     name: str
     param: torch.Tensor
-    grad: torch.Tensor | None  # None: zerocomm released it (ZeRO-2)
+    grad: torch.Tensor | None  # what p.grad is after hand-over (ZeRO-2: a HandedOver marker)
     version: int
 
 
@@ -48,15 +58,16 @@ class GradWatch:
     bucket go through an alias with a version counter of its own ([Note:
     gradient views]), so only the user's edits count."""
 
-    handed: list[_Handed] = field(default_factory=list)
+    handed: dict[int, _Handed] = field(default_factory=dict)  # id(param) -> its latest hand-over
 
     def record(self, name: str, p: torch.Tensor, grad: torch.Tensor | None) -> None:
-        """`grad`: what p.grad is from now on (None once zerocomm released it)."""
+        """`grad`: what p.grad is from now on (ZeRO-2 hands over every
+        micro-batch: the latest hand-over is the one to check)."""
         if grad is not None or p.grad is None:
-            self.handed.append(_Handed(name, p, grad, grad._version if grad is not None else 0))
+            self.handed[id(p)] = _Handed(name, p, grad, grad._version if grad is not None else 0)
 
     def check(self) -> None:
-        for h in self.handed:
+        for h in self.handed.values():
             g = h.param.grad
             if g is h.grad and (g is None or g._version == h.version):
                 continue

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ._ext import _C
+from .handed_over import HandedOver
 from .plan import Bucket
 from .sync_unit import BucketRecord, SyncUnit, alias
 
@@ -417,8 +418,9 @@ class _Slot:
 class ShardedGrads(AllGatherGrads):
     """ZeRO-2: after its reduce-scatter only this rank's slice of a bucket is
     kept (gradients 1/N + the buckets in flight). p.grad is released once
-    handed over, and every backward reduces (gradient accumulation reduces
-    each micro-batch, adding into the kept slice)."""
+    handed over (a `HandedOver` marker takes its place), and every backward
+    reduces (gradient accumulation reduces each micro-batch, adding into the
+    kept slice)."""
 
     keeps_grads = False
 
@@ -469,16 +471,19 @@ class ShardedGrads(AllGatherGrads):
         if slot.user is not None:
             self._retire(slot.user)  # the slot's previous bucket is reduced and kept
         plan = self.unit.plan
-        grads = []
+        grads, had = [], []
         for i in rec.spec.params:
             p = plan.params[i].param
-            grads.append(p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+            g = p.grad
+            had.append(g is not None and not isinstance(g, HandedOver))
+            grads.append(g.detach() if g is not None and had[-1] else torch.zeros_like(p))
         self.unit.sched.reduce_grads(rec.grad_id, grads, self.ctx.average)
         slot.user = rec
-        for i in rec.spec.params:  # copied: released, so the full gradient never lives on
+        for i, fresh in zip(rec.spec.params, had):  # copied: released, so the full gradient never lives on
             spec = plan.params[i]
-            spec.param.grad = None
-            record(spec.name, spec.param, None)
+            if fresh:  # a parameter without a gradient keeps None (or its earlier marker), as in torch
+                spec.param.grad = marker = HandedOver(spec.param, spec.name)
+                record(spec.name, spec.param, marker)
 
     def _retire(self, rec: BucketRecord) -> None:
         """Wait for the bucket's reduction and keep (add up) its slice."""
@@ -504,6 +509,12 @@ class ShardedGrads(AllGatherGrads):
                 rec.grad_shard.zero_()
 
     def new_step(self) -> None:  # noqa: D102
+        # [Note: handed-over gradients] from here on a backward into a
+        # handed-over gradient would add to what torch still holds
+        for spec in self.unit.plan.params:
+            g = spec.param.grad
+            if isinstance(g, HandedOver):
+                g.stale = True
         # a step abandoned after its reductions were launched: they must
         # finish before their staging buffers are reused, and not count
         for slots in self._pools.values():
