@@ -18,6 +18,8 @@ Per variant and rank, in units of the model's parameter bytes (P):
           parameters themselves: the model state (parameters, gradients, optimizer
           state, masters, communication buffers), in bytes per parameter
   steady  above the built model after the last zero_grad()
+  tensors the model state counted from the live tensors' storages at the same point
+          as `state` (no allocator or runtime overhead; C++-only buffers unseen)
 The table gives the worst rank. `floor` is the analytic model state of each scheme
 above the model (fp32, N ranks: DDP 1 gradient + 1 bucket copy + 2 Adam = 4P,
 ZeRO-1 1 + 2/N, ZeRO-2 3/N; FSDP shards parameters too).
@@ -285,6 +287,26 @@ def warm_up(cfg: dict) -> None:
         importlib.import_module("deepspeed")
 
 
+def tensor_bytes() -> int:
+    """Bytes of every distinct storage a live Python tensor holds: the model
+    state exactly, without the allocator's and the runtime's overhead (gloo
+    buffers, the interpreter's heap) that the resident-memory figures carry,
+    DDP included. Storage held only inside C++ (DDP's reducer buckets) is not
+    seen here; zerocomm hands every buffer it allocates to Python."""
+    sizes: dict[int, int] = {}
+    for o in gc.get_objects():
+        if not issubclass(type(o), torch.Tensor):  # type(): no __class__ lookup on lazy module objects
+            continue
+        try:
+            st = o.untyped_storage()
+            ptr = st.data_ptr()
+        except RuntimeError:  # a tensor without storage (a HandedOver marker)
+            continue
+        if ptr:
+            sizes[ptr] = max(sizes.get(ptr, 0), st.nbytes())
+    return sum(sizes.values())
+
+
 def rank_job(rank: int, world: int, cfg: dict) -> dict:
     device = torch.device(cfg["device"], rank % max(1, torch.cuda.device_count())) if cfg["device"] == "cuda" else None
     device = device or torch.device("cpu")
@@ -302,13 +324,14 @@ def rank_job(rank: int, world: int, cfg: dict) -> dict:
     meter.reset()
     setup, _ = VARIANTS[cfg["variant"]]
     fwd, step, zero_grad = setup(model, cfg)
-    state = steady = 0
+    state = steady = tensors = 0
     for x in batches:
         loss = fwd(x).float().pow(2).mean()
         backward = getattr(fwd, "backward_fn", None)
         backward(loss) if backward is not None else loss.backward()
         step()
         state = meter.now()
+        tensors = tensor_bytes() - sum(b.untyped_storage().nbytes() for b in batches)
         zero_grad()
         steady = meter.now()
     peak = meter.peak()
@@ -321,6 +344,7 @@ def rank_job(rank: int, world: int, cfg: dict) -> dict:
         "peak_above": peak - base,
         "state_above": state - base,
         "steady_above": steady - base,
+        "tensor_state": tensors,
         "loss": float(loss.detach()),
     }
 
@@ -350,6 +374,7 @@ def run_variant(name: str, world: int, dtype: str, args: argparse.Namespace) -> 
         "state_x": max(r["state_above"] for r in ranks) / pb + 1,
         "steady_x": max(r["steady_above"] for r in ranks) / pb,
         "state_bytes_per_param": (max(r["state_above"] for r in ranks) + pb) / worst["numel"],
+        "tensor_state_bytes_per_param": max(r["tensor_state"] for r in ranks) / worst["numel"],
         "floor_x": fl,
         "param_dtype_bytes": per,
         "ranks": ranks,
@@ -423,7 +448,8 @@ def main() -> None:
                     fl = "-" if row["floor_x"] is None else f"{row['floor_x']:.2f}"
                     print(
                         f"{world} ranks {dtype:4s} {name:22s} peak {row['peak_x']:5.2f}x  steady "
-                        f"{row['steady_x']:5.2f}x  state {row['state_bytes_per_param']:5.2f} B/param  floor {fl}",
+                        f"{row['steady_x']:5.2f}x  state {row['state_bytes_per_param']:5.2f} B/param "
+                        f"(tensors {row['tensor_state_bytes_per_param']:5.2f})  floor {fl}",
                         flush=True,
                     )
     meta = {
