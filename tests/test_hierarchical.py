@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from dist_utils import run_ranks, tiny_mlp
 
 WORLD, L = 4, 2  # 2 shard groups of L ranks, M = WORLD // L replicas of each shard
