@@ -149,8 +149,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   py::class_<S, std::shared_ptr<S>>(m, "SyncScheduler")
       .def(py::init<std::shared_ptr<Stream>, std::shared_ptr<Communicator>,
-                    int64_t>(),
-           py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"), nogil)
+                    int64_t, std::shared_ptr<Communicator>>(),
+           py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"),
+           py::arg("replica") = nullptr, nogil)
       .def("add_param_bucket", &S::add_param_bucket, py::arg("flat"),
            py::arg("copy_in"), py::arg("in_offsets"), py::arg("copy_out"),
            py::arg("out_offsets"), py::arg("root"), py::arg("label"),
@@ -158,7 +159,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_grad_bucket", &S::add_grad_bucket, py::arg("flat"),
            py::arg("shard"), py::arg("offsets"), py::arg("numels"),
            py::arg("root"), py::arg("label"),
-           py::arg("collective") = Collective::kReduce)
+           py::arg("collective") = Collective::kReduce,
+           py::arg("replica") = at::Tensor())
       .def("launch", &S::launch, py::arg("order"), nogil)
       .def("wait_param", &S::wait_param, nogil)
       .def("reduce_grads", &S::reduce_grads, py::arg("bucket"),
@@ -177,5 +179,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_debug_delay", &S::set_debug_delay, py::arg("seconds"))
       .def_property_readonly("timeout_ms", &S::timeout_ms)
       .def_property_readonly("transport", &S::transport)
+      .def("traffic", &S::traffic)
       .def_property_readonly("is_cuda", &S::is_cuda);
 }

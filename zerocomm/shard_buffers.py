@@ -87,6 +87,12 @@ class GradMode:
         ]
         return flat
 
+    def _replica(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """add_grad_bucket's replica stage for `t`, what this rank keeps of
+        the reduced bucket: all-reduced across the replicas of its shard
+        after the shard group's reduction ([Note: hierarchical layout])."""
+        return {"replica": t} if self.unit.transport.replica is not None else {}
+
     def _local(self, rec: BucketRecord, t: torch.Tensor, i: int, start: int, numel: int, at: int) -> LocalParam:
         p = self.unit.plan.params[i].param
         return LocalParam(t, self.ctx.index_of[id(p)], start, numel, self.ctx.group_of[id(p)], i, at)
@@ -170,8 +176,16 @@ class BroadcastGrads(GradMode):
         flat = self._grad_buffer(rec)
         assert b.owner is not None
         empty = torch.empty(0, dtype=b.dtype, device=self.ctx.device)
+        reduced = alias(flat)  # the owner keeps the whole reduced bucket
         rec.grad_id = u.sched.add_grad_bucket(
-            alias(flat), empty, [], [], b.owner, f"grad:{u.name}:{b.index}", Collective.REDUCE
+            reduced,
+            empty,
+            [],
+            [],
+            b.owner,
+            f"grad:{u.name}:{b.index}",
+            Collective.REDUCE,
+            **(self._replica(reduced) if b.owner == u.rank else {}),
         )
         if b.owner != u.rank:
             return
@@ -236,7 +250,7 @@ class AllGatherGrads(GradMode):
         # the reduce-scatter's output is this rank's slice of the bucket itself
         shard = flat.narrow(0, rec.lo, b.shard_numel)
         rec.grad_id = u.sched.add_grad_bucket(
-            flat, shard, [], [], -1, f"grad:{u.name}:{b.index}", Collective.REDUCE_SCATTER
+            flat, shard, [], [], -1, f"grad:{u.name}:{b.index}", Collective.REDUCE_SCATTER, **self._replica(shard)
         )
         rec.grad_shard = shard
         self._build_master(rec)
@@ -361,14 +375,16 @@ class ShardedGrads(AllGatherGrads):
         self._slot_of[rec.index] = slot
         staging = alias(slot.buf.narrow(0, 0, b.padded_numel))
         numels = [u.plan.params[i].numel for i in b.params]
+        kept = staging.narrow(0, rec.lo, b.shard_numel)
         rec.grad_id = u.sched.add_grad_bucket(
             staging,
-            staging.narrow(0, rec.lo, b.shard_numel),
+            kept,
             list(b.offsets),
             numels,
             -1,
             f"grad:{u.name}:{b.index}",
             Collective.REDUCE_SCATTER,
+            **self._replica(kept),
         )
         rec.grad_views = [None] * len(b.params)
         md = self.ctx.master_dtype
