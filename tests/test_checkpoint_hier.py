@@ -11,7 +11,14 @@ groups [0], [1]) for 2 more steps, must end where the reference ends; resumed
 models start from another seed with the same experts in both groups, so
 nothing matches unless the checkpoint restored each group's own experts.
 
-Each spawned job groups several checks: starting a rank costs seconds.
+Hierarchical: 2 shard groups x 2 replicas ([0, 1], [2, 3]; replicas [0, 2],
+[1, 3]) -> flat 4x1 -> flat 2x1 -> 2x2, one step of training between
+loads, the modes alternating (two chains, so every layout is saved and
+loaded in both modes). Every load restores the saved parameters and the
+optimizer state bitwise on every rank, and the end equals single-process
+torch on the global batch.
+
+Starting ranks costs seconds: three jobs (4, 2, 4 ranks) run every case.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ def _optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:
 
 def _scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:
     # Chainable: a resume that failed to restore the current lr trains with the wrong one.
-    return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,10 +172,95 @@ def _same_state(a: dict, b: dict) -> bool:
     return True
 
 
+# ------------------------------------------------------------- hierarchical
+
+# modes of the 2x2 save, the 4x1, 2x1 and final 2x2 loads, per chain
+CHAINS = {
+    "A": ("broadcast", "allgather", "broadcast", "allgather"),
+    "B": ("allgather", "broadcast", "allgather", "broadcast"),
+}
+HOPS = ("2x2", "4x1", "2x1", "2x2")  # shard-group size x replicas; one step of training after each load
+
+
+def _dense_model(seed: int = 0) -> nn.Module:
+    from zerocomm.testing.models import TinyGPT
+
+    return TinyGPT(vocab=VOCAB, dim=16, n_layers=2, n_heads=2, seq=SEQ, qkv_bias=False, seed=seed)
+
+
+@functools.cache
+def _dense_reference(steps: int) -> dict[str, torch.Tensor]:
+    model = _dense_model()
+    opt = _optimizer(list(model.parameters()))
+    _train(model, opt, _scheduler(opt), range(steps), 0, 1)
+    return _params(model)
+
+
+def _layout(hop: str, world: int) -> dict:
+    """attach's layout arguments for `hop` on `world` ranks (every rank
+    creates every group: new_group is collective)."""
+    if hop != "2x2":
+        return {}
+    shard = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    rep = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    rank = dist.get_rank()
+    return dict(shard_group=shard[rank // 2], replicate_group=rep[rank % 2])
+
+
+def _hier_hop(rank: int, world: int, root: str, hop: int, chain: str) -> dict:
+    """Hop `hop` of `chain`: attach in that hop's layout and mode, load the
+    previous hop's checkpoint (hop 0: train from scratch), record what was
+    loaded, train one step (hop 0: SAVE_AT steps) and save."""
+    import zerocomm
+    from zerocomm import checkpoint
+
+    mode, layout = CHAINS[chain][hop], _layout(HOPS[hop], world)
+    model = _dense_model(seed=0 if hop == 0 else 1)
+    zopt = zerocomm.attach(model, _optimizer(list(model.parameters())), mode=mode, bucket_mb=BUCKET_MB, **layout)
+    sched = _scheduler(zopt)
+    lay = zopt.layouts["dense"]
+    out: dict = {"layout": (lay.shard_size, lay.replica_size)}
+    start = 0
+    if hop > 0:
+        start, extra = checkpoint.load(os.path.join(root, f"{chain}{hop - 1}"), zopt)
+        sched.load_state_dict(extra["sched"])
+        zopt.synchronize()
+        out["loaded"] = _params(model)
+        out["loaded_state"] = zopt.state_dict()  # consolidated over this rank's shard group
+    steps = range(start, start + (SAVE_AT if hop == 0 else 1))
+    _train(model, zopt, sched, steps, rank, world)
+    checkpoint.save(os.path.join(root, f"{chain}{hop}"), zopt, step=steps.stop, extra={"sched": sched.state_dict()})
+    zopt.synchronize()
+    out["saved"] = _params(model)
+    out["saved_state"] = zopt.state_dict()
+    zopt.close()
+    return out
+
+
+def _hier(rank: int, world: int, root: str, hops: tuple[int, ...]) -> dict:
+    return {(chain, hop): _hier_hop(rank, world, root, hop, chain) for chain in CHAINS for hop in hops}
+
+
 # ------------------------------------------------------------------------ jobs
 
 
-def _job_experts_save(rank: int, world: int, root: str) -> dict:
+def _job_stage(rank: int, world: int, root: str, stage: int) -> dict:
+    """Stage 1 (4 ranks): the expert groups' saves and resumes, the 2x2 saves
+    and their 4x1 loads. Stage 2 (2 ranks): the expert checkpoints on 2
+    ranks, the 2x1 hop. Stage 3 (4 ranks): the last 2x2 hop."""
+    out: dict = {}
+    if stage == 1:
+        out["experts"] = _experts_save(rank, world, os.path.join(root, "experts"))
+        out["hier"] = _hier(rank, world, root, (0, 1))
+    elif stage == 2:
+        out["experts"] = _experts_resume(rank, world, os.path.join(root, "experts"))
+        out["hier"] = _hier(rank, world, root, (2,))
+    else:
+        out["hier"] = _hier(rank, world, root, (3,))
+    return out
+
+
+def _experts_save(rank: int, world: int, root: str) -> dict:
     """Both modes on 2 expert groups of 2: 2 steps, save, 2 more steps
     (uninterrupted). Then the other mode's checkpoint resumed on the same
     layout. Returns, per rank, what the tests compare."""
@@ -206,7 +298,7 @@ def _job_experts_save(rank: int, world: int, root: str) -> dict:
     return out
 
 
-def _job_experts_resume(rank: int, world: int, root: str) -> dict:
+def _experts_resume(rank: int, world: int, root: str) -> dict:
     """2 ranks, expert groups [0] and [1]: each mode's 4-rank checkpoint in
     the other mode, continued; then the refusals."""
     from zerocomm import checkpoint
@@ -244,9 +336,24 @@ def _job_experts_resume(rank: int, world: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def experts(tmp_path_factory) -> tuple[str, list[dict]]:
-    root = str(tmp_path_factory.mktemp("experts"))
-    return root, run_ranks(_job_experts_save, 4, root, timeout=150)
+def stages(tmp_path_factory) -> tuple[str, dict[int, list[dict]]]:
+    """Each stage's per-rank results, run once for the module (lazily: the
+    next stage starts when a test needs it)."""
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    return root, {}
+
+
+def _stage(stages, stage: int) -> list[dict]:
+    root, done = stages
+    for s in range(1, stage + 1):
+        if s not in done:
+            done[s] = run_ranks(_job_stage, 2 if s == 2 else 4, root, s, timeout=240)
+    return done[stage]
+
+
+@pytest.fixture(scope="module")
+def experts(stages) -> tuple[str, list[dict]]:
+    return os.path.join(stages[0], "experts"), [r["experts"] for r in _stage(stages, 1)]
 
 
 def test_expert_groups_train_like_the_reference_and_save_each_groups_experts(experts):
@@ -313,9 +420,9 @@ def test_expert_checkpoint_resumes_in_either_mode(experts):
         assert all(torch.equal(v, got["final/allgather"][n]) for n, v in got["resumed/allgather->allgather"].items())
 
 
-def test_expert_checkpoint_resumes_on_fewer_ranks(experts):
-    root, saved = experts
-    res = run_ranks(_job_experts_resume, 2, root, timeout=120)
+def test_expert_checkpoint_resumes_on_fewer_ranks(stages, experts):
+    _, saved = experts
+    res = [r["experts"] for r in _stage(stages, 2)]
     ref = _reference(TOTAL)
     for r, got in enumerate(res):
         for pair in ("broadcast->allgather", "allgather->broadcast"):
@@ -325,3 +432,58 @@ def test_expert_checkpoint_resumes_on_fewer_ranks(experts):
             _assert_close(got[f"resumed/{pair}"], ref[got["index"]], f"{pair}, 4 -> 2 ranks, rank {r}")
         assert got["flat_load"] is not None and "2 expert groups" in got["flat_load"], got["flat_load"]
         assert got["flat_load_unchanged"] and got["flat_load_state_empty"]
+
+
+def _hop(stages, hop: int) -> list[dict]:
+    return [r["hier"] for r in _stage(stages, (1, 1, 2, 3)[hop])]
+
+
+def _distcp_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".distcp"))
+
+
+def test_hierarchical_round_trip_2x2_4x1_2x1_2x2_is_exact(stages):
+    sizes = {"2x2": (2, 2), "4x1": (4, 1), "2x1": (2, 1)}
+    prev: list[dict] = []
+    for hop in range(len(HOPS)):
+        res = _hop(stages, hop)
+        saved_at = SAVE_AT + hop
+        for chain in CHAINS:
+            what = f"chain {chain} ({'/'.join(CHAINS[chain])}), hop {hop} ({HOPS[hop]})"
+            for r, got in enumerate(res):
+                g = got[(chain, hop)]
+                assert g["layout"] == sizes[HOPS[hop]], what
+                if hop > 0:  # every rank loads exactly what the previous layout saved
+                    before = prev[0][(chain, hop - 1)]
+                    assert all(torch.equal(v, before["saved"][n]) for n, v in g["loaded"].items()), (what, r)
+                    assert _same_state(g["loaded_state"], before["saved_state"]), (what, r)
+                # ranks bitwise equal, replicas included
+                assert all(torch.equal(v, res[0][(chain, hop)]["saved"][n]) for n, v in g["saved"].items()), (what, r)
+                assert _same_state(g["saved_state"], res[0][(chain, hop)]["saved_state"]), (what, r)
+            got = res[0][(chain, hop)]["saved"]
+            worst = _max_diff(got, _dense_reference(saved_at))
+            print(f"{what}: {saved_at} steps, max |diff| vs torch {worst:.2e}")
+            assert worst < 1e-5, what
+        prev = res
+
+
+def test_hierarchical_save_writes_each_shard_once(stages):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root = stages[0]
+    _stage(stages, 1)
+    for chain in CHAINS:
+        hier, flat = os.path.join(root, f"{chain}0"), os.path.join(root, f"{chain}1")
+        md = FileSystemReader(hier).read_metadata().state_dict_metadata
+        split = 0
+        for key, m in md.items():
+            if hasattr(m, "chunks") and len(m.size):
+                spans = sorted((c.offsets[0], c.offsets[0] + c.sizes[0]) for c in m.chunks)
+                assert spans[0][0] == 0 and spans[-1][1] == m.size[0], (chain, key, spans)
+                assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), (chain, key, spans)  # no overlap
+                split += len(spans) > 1
+        assert CHAINS[chain][0] == "broadcast" or split, "allgather state should be split over the shard group"
+        # one copy of the state, as the flat 4x1 checkpoint of the same model holds (replicas write it once)
+        ratio = _distcp_bytes(hier) / _distcp_bytes(flat)
+        print(f"chain {chain}: 2x2 / 4x1 checkpoint bytes {ratio:.3f}")
+        assert 0.8 < ratio < 1.25, ratio

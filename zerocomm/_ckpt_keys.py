@@ -104,30 +104,11 @@ def ranks_of(group: Any) -> tuple[int, ...]:
     return tuple(dist.get_process_group_ranks(group))
 
 
-def _value_sets(reported: list[tuple[int, ...]], members: tuple[int, ...], what: str) -> list[tuple[int, ...]]:
-    """The expert groups the ranks reported, checked: each rank's group
-    contains it, the same group on every member, none outside `members`."""
-    by_rank = dict(zip(members, reported))
-    for r, grp in by_rank.items():
-        outside = sorted(set(grp) - set(members))
-        if outside:
-            raise ValueError(
-                f"the {what} group of rank {r} holds ranks {outside} outside the data-parallel "
-                f"group {list(members)}: an expert group must be a sub-group of it"
-            )
-        for m in grp:
-            if tuple(by_rank[m]) != tuple(grp):
-                raise ValueError(
-                    f"the {what} groups differ between ranks: rank {r} is in {list(grp)} but rank {m} "
-                    f"is in {list(by_rank[m])}; every rank must pass its own group of one partition"
-                )
-    return sorted({tuple(sorted(g)) for g in reported}, key=min)
-
-
-def digest(t: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def checkpoint_group(zopt: "ShardedOptimizer") -> Any:
+    """Every rank holding part of the model: the dense plan's shard group
+    and its replicas (the world when hierarchical, the group when flat)."""
+    layout = zopt.layouts.get(zopt.sharded_plans[0].name)
+    return layout.group if layout is not None else zopt.group
 
 
 @dataclass(frozen=True)
@@ -135,8 +116,52 @@ class Report:
     """What one rank tells the others to place the entries (plain data)."""
 
     rank: int  # global
-    expert_group: tuple[int, ...]  # global ranks of its expert plan's group
-    digests: dict[str, str] | None  # model entries no plan syncs, when its expert group is a sub-group
+    shard: tuple[int, ...]  # global ranks of its expert plan's shard group
+    replicas: tuple[int, ...] | None  # and of that plan's replicate group (None: flat)
+    digests: dict[str, str] | None  # model entries no plan syncs, when the experts may differ
+
+
+def _value_sets(by_rank: dict[int, Report], members: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The expert groups: ranks joined by the expert plan's shard groups
+    and replicate groups (they hold the same experts), ordered by lowest
+    rank. Checked: every rank's groups hold it, the same groups on every
+    member, none outside `members`."""
+    for kind in ("shard", "replicas"):
+        for r, rep in by_rank.items():
+            grp = getattr(rep, kind) or (r,)
+            outside = sorted(set(grp) - set(members))
+            if r not in grp or outside:
+                raise ValueError(
+                    f"the expert plan's {'replicate' if kind == 'replicas' else 'shard'} group of rank {r}, "
+                    f"{list(grp)}, is not a sub-group of the data-parallel group {list(members)} holding rank {r}"
+                )
+            for m in grp:
+                theirs = getattr(by_rank[m], kind) or (m,)
+                if tuple(sorted(theirs)) != tuple(sorted(grp)):
+                    raise ValueError(
+                        f"the expert groups differ between ranks: rank {r} is in {list(grp)} but rank {m} "
+                        f"is in {list(theirs)}; every rank must pass its own group of one partition"
+                    )
+    root = {r: r for r in members}
+
+    def find(r: int) -> int:
+        while root[r] != r:
+            r = root[r]
+        return r
+
+    for r, rep in by_rank.items():
+        for m in rep.shard + (rep.replicas or ()):
+            root[find(m)] = find(r)
+    sets: dict[int, list[int]] = {}
+    for r in members:
+        sets.setdefault(find(r), []).append(r)
+    return sorted((tuple(sorted(v)) for v in sets.values()), key=min)
+
+
+def digest(t: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def report(zopt: "ShardedOptimizer", *, compare_unplanned: bool) -> Report | None:
@@ -148,12 +173,14 @@ def report(zopt: "ShardedOptimizer", *, compare_unplanned: bool) -> Report | Non
         return None
     if len(plans) > 2:
         raise NotImplementedError(f"checkpoints know one expert plan, this optimizer has {len(plans) - 1}")
-    mine = ranks_of(plans[1].group)
+    layout = zopt.layouts.get(plans[1].name)
+    shard = ranks_of(plans[1].group)
+    replicas = ranks_of(layout.replicate_group) if layout is not None and layout.replicate_group is not None else None
     digests = None
-    if compare_unplanned and tuple(sorted(mine)) != tuple(sorted(ranks_of(zopt.group))):
+    if compare_unplanned and set(shard) | set(replicas or ()) != set(ranks_of(checkpoint_group(zopt))):
         planned = {id(zopt.user_params[i]) for p in plans for i in p.params}
         digests = {k: digest(v) for k, v in model_entries(zopt, keep_vars=True).items() if id(v) not in planned}
-    return Report(dist.get_rank(), mine, digests)
+    return Report(dist.get_rank(), shard, replicas, digests)
 
 
 def resolve(zopt: "ShardedOptimizer", reports: list[Any] | None) -> Keys:
@@ -161,15 +188,14 @@ def resolve(zopt: "ShardedOptimizer", reports: list[Any] | None) -> Keys:
     ranks, so every rank raises the same error or none)."""
     if not reports or reports[0] is None:
         return Keys()
-    members = ranks_of(zopt.group)
+    members = ranks_of(checkpoint_group(zopt))
     by_rank: dict[int, Report] = {r.rank: r for r in reports}
     if sorted(by_rank) != sorted(members):
         raise ValueError(f"the checkpoint's ranks {sorted(by_rank)} are not the data-parallel group {list(members)}")
-    groups = _value_sets([by_rank[r].expert_group for r in members], members, "expert")
+    groups = _value_sets(by_rank, members)
     if len(groups) == 1:
         return Keys()
-    plans = zopt.sharded_plans
-    expert = plans[1]
+    expert = zopt.sharded_plans[1]
     experts = {id(zopt.user_params[i]) for i in expert.params}
     expert_keys = frozenset(k for k, v in model_entries(zopt, keep_vars=True).items() if id(v) in experts)
     own = set(expert_keys) | {zopt.param_names[i] for i in expert.params}

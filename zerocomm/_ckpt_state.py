@@ -38,6 +38,7 @@ from ._ckpt_keys import (
     STATE,
     Keys,
     check_groups,
+    checkpoint_group,
     model_entries,
     own_view,
     report,
@@ -86,10 +87,12 @@ def _group_names(zopt: "ShardedOptimizer") -> list[list[str]]:
 
 
 def dcp_group(zopt: "ShardedOptimizer") -> dist.ProcessGroup | None:
-    """The group DCP coordinates over; None without torch.distributed."""
+    """The group DCP coordinates over (every rank holding part of the
+    model: the shard groups and their replicas); None without
+    torch.distributed."""
     if not dist.is_initialized():
         return None
-    return zopt.group
+    return checkpoint_group(zopt)
 
 
 def keys_over_group(zopt: "ShardedOptimizer", *, compare_unplanned: bool) -> Keys:
@@ -170,6 +173,7 @@ def sharded_state_dict(
             "optimizer": type(zopt.optim).__name__,
             "param_names": _group_names(zopt),
             "n_chunks": len(zopt.chunks),
+            "layout": {name: lay.describe() for name, lay in zopt.layouts.items()},  # at save
             "expert_groups": [list(g) for g in keys.groups],  # global ranks of each, at save
         }
         sd[GROUPS] = [{k: v for k, v in g.items() if k != "params"} for g in zopt.optim.param_groups]
