@@ -3,6 +3,7 @@
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include "communicator.h"
@@ -156,11 +157,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("copy_in"), py::arg("in_offsets"), py::arg("copy_out"),
            py::arg("out_offsets"), py::arg("root"), py::arg("label"),
            py::arg("collective") = Collective::kBroadcast)
-      .def("add_grad_bucket", &S::add_grad_bucket, py::arg("flat"),
-           py::arg("shard"), py::arg("offsets"), py::arg("numels"),
-           py::arg("root"), py::arg("label"),
-           py::arg("collective") = Collective::kReduce,
-           py::arg("replica") = at::Tensor())
+      .def(
+          "add_grad_bucket",
+          [](S& s, at::Tensor flat, at::Tensor shard,
+             std::vector<int64_t> offsets, std::vector<int64_t> numels,
+             int root, std::string label, Collective op,
+             std::optional<at::Tensor> replica) {
+            return s.add_grad_bucket(std::move(flat), std::move(shard),
+                                     std::move(offsets), std::move(numels),
+                                     root, std::move(label), op,
+                                     replica.value_or(at::Tensor()));
+          },
+          py::arg("flat"), py::arg("shard"), py::arg("offsets"),
+          py::arg("numels"), py::arg("root"), py::arg("label"),
+          py::arg("collective") = Collective::kReduce,
+          py::arg("replica") = py::none())
       .def("launch", &S::launch, py::arg("order"), nogil)
       .def("wait_param", &S::wait_param, nogil)
       .def("reduce_grads", &S::reduce_grads, py::arg("bucket"),

@@ -15,11 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from dist_utils import run_ranks, tiny_mlp
 
 WORLD, L = 4, 2  # 2 shard groups of L ranks, M = WORLD // L replicas of each shard
-STEPS, SHORT = 50, 20  # the done-when's 50 steps; the feature scenarios run SHORT
+STEPS, SHORT = 50, 12  # the done-when's 50 steps; the feature scenarios run SHORT
 MICRO = 2  # no_sync accumulation: micro-batches per step
 MAX_NORM = 0.05  # small enough that clipping is active
 BUCKET_MB = 0.0005  # a few hundred bytes: several buckets per plan
@@ -56,7 +55,6 @@ SCENARIOS: dict[str, tuple[int, dict[str, Any], str]] = {
     "mesh_ag": (SHORT, dict(mode="allgather", layout="mesh"), "plain"),
     "zero2": (SHORT, dict(mode="allgather", layout="groups", shard_grads=True), "plain"),
     "accum_bc": (SHORT, dict(mode="broadcast", layout="groups"), "accum"),
-    "accum_ag": (SHORT, dict(mode="allgather", layout="groups"), "accum"),
     "clip_ag": (SHORT, dict(mode="allgather", layout="groups"), "clip"),
     "clip_bc": (SHORT, dict(mode="broadcast", layout="groups"), "clip"),
     "ddp_bc": (SHORT, dict(mode="broadcast", layout="groups"), "ddp"),
@@ -256,7 +254,6 @@ def test_matches_torch_and_flat_zerocomm(mode: str) -> None:
         ("mesh_ag", "plain"),
         ("zero2", "plain"),
         ("accum_bc", "accum"),
-        ("accum_ag", "accum"),
         ("clip_ag", "clip"),
         ("clip_bc", "clip"),
         ("ddp_bc", "plain"),

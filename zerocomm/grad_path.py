@@ -47,7 +47,9 @@ class GradPath:
         self.diverged = False  # then collectives are in flight that no peer will join
         # over every rank of the layout: replicas vote too ([Note: hierarchical layout])
         self._presence = [
-            guards.GradPresence(u.data_parallel_group, u.transport.world_size * u.transport.replica_size, u.transport.timeout_s)
+            guards.GradPresence(
+                u.data_parallel_group, u.transport.world_size * u.transport.replica_size, u.transport.timeout_s
+            )
             for u in units
         ]
         self._handles: list[Any] = []
