@@ -282,7 +282,7 @@ def _experts_save(rank: int, world: int, root: str) -> dict:
         zopt.synchronize()
         out[f"final/{mode}"] = _params(model)
         zopt.close()
-    for src, mode in (("allgather", "broadcast"), ("broadcast", "allgather"), ("allgather", "allgather")):
+    for src, mode in (("allgather", "broadcast"), ("broadcast", "allgather")):
         model = _model(seed=1)  # other weights; the same experts in both groups
         zopt, sched = _attach(model, mode, egroup)
         step, extra = checkpoint.load(os.path.join(root, src), zopt)
@@ -409,15 +409,12 @@ def test_expert_checkpoint_consolidates_per_group(experts, tmp_path):
 def test_expert_checkpoint_resumes_in_either_mode(experts):
     _, res = experts
     ref = _reference(TOTAL)
-    for pair in ("allgather->broadcast", "broadcast->allgather", "allgather->allgather"):
+    for pair in ("allgather->broadcast", "broadcast->allgather"):
         src = pair.split("->")[0]
         for r, got in enumerate(res):
             assert all(torch.equal(v, res[r][f"saved/{src}"][n]) for n, v in got[f"loaded/{pair}"].items()), pair
             assert _same_state(got[f"loaded_state/{pair}"], res[r][f"saved_state/{src}"]), (pair, r)
             _assert_close(got[f"resumed/{pair}"], ref[got["index"]], f"{pair} on 4, rank {r}")
-    # the same layout and mode resumes bitwise
-    for r, got in enumerate(res):
-        assert all(torch.equal(v, got["final/allgather"][n]) for n, v in got["resumed/allgather->allgather"].items())
 
 
 def test_expert_checkpoint_resumes_on_fewer_ranks(stages, experts):
@@ -471,9 +468,9 @@ def test_hierarchical_save_writes_each_shard_once(stages):
     from torch.distributed.checkpoint import FileSystemReader
 
     root = stages[0]
-    _stage(stages, 1)
+    _stage(stages, 2)
     for chain in CHAINS:
-        hier, flat = os.path.join(root, f"{chain}0"), os.path.join(root, f"{chain}1")
+        hier, flat = os.path.join(root, f"{chain}0"), os.path.join(root, f"{chain}2")  # 2x2 and 2x1, one mode
         md = FileSystemReader(hier).read_metadata().state_dict_metadata
         split = 0
         for key, m in md.items():
@@ -483,7 +480,7 @@ def test_hierarchical_save_writes_each_shard_once(stages):
                 assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), (chain, key, spans)  # no overlap
                 split += len(spans) > 1
         assert CHAINS[chain][0] == "broadcast" or split, "allgather state should be split over the shard group"
-        # one copy of the state, as the flat 4x1 checkpoint of the same model holds (replicas write it once)
+        # the same shards as the flat 2x1 checkpoint holds, once: replicas do not write them again
         ratio = _distcp_bytes(hier) / _distcp_bytes(flat)
-        print(f"chain {chain}: 2x2 / 4x1 checkpoint bytes {ratio:.3f}")
-        assert 0.8 < ratio < 1.25, ratio
+        print(f"chain {chain}: 2x2 / 2x1 checkpoint bytes {ratio:.3f}")
+        assert 0.95 < ratio < 1.05, ratio
