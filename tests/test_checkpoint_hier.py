@@ -484,3 +484,23 @@ def test_hierarchical_save_writes_each_shard_once(stages):
         ratio = _distcp_bytes(hier) / _distcp_bytes(flat)
         print(f"chain {chain}: 2x2 / 2x1 checkpoint bytes {ratio:.3f}")
         assert 0.95 < ratio < 1.05, ratio
+
+
+def test_expert_groups_are_checked_and_numbered_by_lowest_rank():
+    """The ranks' reports -> expert groups (no process group needed)."""
+    from zerocomm._ckpt_keys import Report, _value_sets
+
+    def sets(shard: dict[int, tuple], replicas: dict[int, tuple] | None = None) -> list[tuple[int, ...]]:
+        reports = {r: Report(r, g, (replicas or {}).get(r), None) for r, g in shard.items()}
+        return _value_sets(reports, tuple(sorted(shard)))
+
+    # strided expert groups (Megatron's expert-data-parallel groups): numbered by lowest rank
+    assert sets({0: (0, 2), 1: (1, 3), 2: (0, 2), 3: (1, 3)}) == [(0, 2), (1, 3)]
+    # an expert plan sharing a 2x2 layout: shard and replicate groups join every rank (one set)
+    assert sets({0: (0, 1), 1: (0, 1), 2: (2, 3), 3: (2, 3)}, {0: (0, 2), 2: (0, 2), 1: (1, 3), 3: (1, 3)}) == [
+        (0, 1, 2, 3)
+    ]
+    with pytest.raises(ValueError, match="rank 0 is in \\[0, 1\\] but rank 1 is in \\[1, 2\\]"):
+        sets({0: (0, 1), 1: (1, 2), 2: (1, 2), 3: (3,)})  # overlapping groups
+    with pytest.raises(ValueError, match="not a sub-group"):
+        sets({0: (0, 4), 1: (1,)})  # a rank outside the checkpoint's ranks
