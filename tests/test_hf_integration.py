@@ -75,6 +75,12 @@ def test_matches_plain_adamw(kind: str, variant: str, tmp_path_factory: pytest.T
                 torch.testing.assert_close(a["state"][i][k], b["state"][i][k], rtol=1e-4, atol=1e-6)
 
 
+def test_trainer_hierarchical_matches_plain_adamw(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """ZeroTrainer over a hierarchical layout (shard groups of one rank, both
+    ranks replicas; Trainer wraps the model in DDP over the world)."""
+    test_matches_plain_adamw("trainer", "hier-allgather", tmp_path_factory)
+
+
 @pytest.mark.parametrize("variant", VARIANTS[1:])
 def test_trainer_resume_matches_plain_adamw(variant: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """A job stopped halfway and resumed with `trainer.train(resume_from_checkpoint=...)`

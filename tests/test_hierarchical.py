@@ -58,6 +58,7 @@ SCENARIOS: dict[str, tuple[int, dict[str, Any], str]] = {
     "clip_ag": (SHORT, dict(mode="allgather", layout="groups"), "clip"),
     "clip_bc": (SHORT, dict(mode="broadcast", layout="groups"), "clip"),
     "ddp_bc": (SHORT, dict(mode="broadcast", layout="groups"), "ddp"),
+    "chunks_ag": (SHORT, dict(mode="allgather", layout="groups"), "chunks"),
     "master64": (SHORT, dict(mode="allgather", layout="groups", master_dtype=torch.float64), "plain"),
     "master64_bc": (SHORT, dict(mode="broadcast", layout="groups", master_dtype=torch.float64), "plain"),
     "bf16": (SHORT, dict(mode="allgather", layout="groups", master_dtype=torch.float32), "bf16"),
@@ -101,8 +102,13 @@ def _scenario(rank: int, grid: dict[str, Any], name: str) -> dict[str, Any]:
     if case == "bf16":
         model = model.to(torch.bfloat16)
     opt = _opt(model)
-    zopt = zerocomm.attach(model, opt, bucket_mb=BUCKET_MB, **layout, **options)
     run: Callable[..., torch.Tensor] = model
+    if case == "chunks":  # pipeline chunks: attach a list of modules, run them in turn
+        chunks = [model[:2], model[2:]]
+        zopt = zerocomm.attach(chunks, opt, bucket_mb=BUCKET_MB, **layout, **options)
+        run = nn.Sequential(*chunks)
+    else:
+        zopt = zerocomm.attach(model, opt, bucket_mb=BUCKET_MB, **layout, **options)
     if case == "ddp":
         run = nn.parallel.DistributedDataParallel(model)
     norms = []
@@ -122,6 +128,25 @@ def _scenario(rank: int, grid: dict[str, Any], name: str) -> dict[str, Any]:
     out = dict(params=_params(model), traffic=zopt.traffic(), norms=norms)
     layouts = zopt.layouts
     out["layout"] = {k: (v.shard_size, v.replica_size, v.shard_rank, v.replica_rank) for k, v in layouts.items()}
+    zopt.close()
+    return out
+
+
+def _simulated_traffic() -> dict[str, dict[str, int]]:
+    """The simulated transport's two-tier mode (replicas > 1): the replica
+    stage runs on the modelled inter-node communicator."""
+    import zerocomm
+    from zerocomm.transport import SimulatedTransport
+
+    model = tiny_mlp()
+    sim = SimulatedTransport(latency_us=0.0, bandwidth_gbps=1000.0, modelled_world=L, replicas=WORLD // L)
+    zopt = zerocomm.attach(model, _opt(model), mode="allgather", transport=sim, bucket_mb=BUCKET_MB)
+    for step in range(2):
+        _loss(model, step, 0).backward()
+        zopt.step()
+        zopt.zero_grad()
+    zopt.synchronize()  # the counts are taken as the collectives run
+    out = zopt.traffic()
     zopt.close()
     return out
 
@@ -163,6 +188,7 @@ def _job(rank: int, world: int, names: tuple[str, ...]) -> dict[str, Any]:
     grid = _grid(rank)
     out: dict[str, Any] = {name: _scenario(rank, grid, name) for name in names}
     out["errors"] = _bad_layouts(rank, grid)
+    out["simulated"] = _simulated_traffic()
     return out
 
 
@@ -257,6 +283,7 @@ def test_matches_torch_and_flat_zerocomm(mode: str) -> None:
         ("clip_ag", "clip"),
         ("clip_bc", "clip"),
         ("ddp_bc", "plain"),
+        ("chunks_ag", "plain"),
         ("master64", "plain"),
         ("master64_bc", "plain"),
         ("experts", "plain"),
@@ -317,6 +344,15 @@ def test_bytes_across_replicas(mode: str) -> None:
     flat_total = sum(n for t in flat for tier in t.values() for n in tier.values())
     assert across > 0
     assert across <= flat_total / L, f"{across} bytes crossed replicas; flat total {flat_total}, L={L}"
+
+
+def test_simulated_two_tier_runs_the_replica_stage() -> None:
+    res = _results()
+    for rank in range(WORLD):
+        t = res[rank]["simulated"]
+        assert t["replica"].get("all_reduce", 0) > 0, t
+        # a world-size-1 shard group: the whole bucket is the shard, and crosses the replicas
+        assert t["shard"]["reduce_scatter"] == t["replica"]["all_reduce"] == t["shard"]["all_gather"], t
 
 
 @pytest.mark.parametrize(

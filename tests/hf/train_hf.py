@@ -45,7 +45,13 @@ def optimizers(model: torch.nn.Module, variant: str):
     from transformers import get_linear_schedule_with_warmup
 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    if variant != "plain":
+    if variant.startswith("hier-"):  # hierarchical ZeRO: shard groups of 1, every rank a replica
+        import zerocomm
+
+        single = [dist.new_group([r]) for r in range(dist.get_world_size())]
+        layout = dict(shard_group=single[dist.get_rank()], replicate_group=dist.group.WORLD)
+        opt = zerocomm.attach(model, opt, mode=variant.removeprefix("hier-"), **layout)
+    elif variant != "plain":
         import zerocomm
 
         opt = zerocomm.attach(model, opt, mode=variant)
