@@ -1,6 +1,8 @@
 """Checkpoints of state sharded over sub-groups (issue 21), on gloo ranks.
 
-Expert groups: 4 ranks as 2 expert groups of 2 ([0, 1], [2, 3]). The
+Expert groups: 4 ranks as 2 expert groups of 2 ([0, 1], [2, 3]; in
+allgather mode with the dense plan hierarchical, 2 shard groups x 2
+replicas). The
 experts start different in each group (expert parallelism: each group holds
 its own experts under the same names) and train on that group's half of the
 global batch, the dense parameters on all of it. The single-process
@@ -102,11 +104,13 @@ def _expert_group(world: int) -> tuple[dist.ProcessGroup, int]:
     return groups[index], index
 
 
-def _attach(model: nn.Module, mode: str, egroup):
+def _attach(model: nn.Module, mode: str, egroup, **layout):
     import zerocomm
 
     opt = _optimizer(list(model.parameters()))
-    zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=BUCKET_MB, expert_filter=_is_expert, expert_group=egroup)
+    zopt = zerocomm.attach(
+        model, opt, mode=mode, bucket_mb=BUCKET_MB, expert_filter=_is_expert, expert_group=egroup, **layout
+    )
     return zopt, _scheduler(zopt)
 
 
@@ -270,7 +274,10 @@ def _experts_save(rank: int, world: int, root: str) -> dict:
     out: dict = {"index": index}
     for mode in MODES:
         model = _model(0, index)
-        zopt, sched = _attach(model, mode, egroup)
+        # allgather: the dense plan hierarchical (2 shard groups x 2 replicas), the experts flat over their groups
+        layout = _layout("2x2", world) if mode == "allgather" else {}
+        zopt, sched = _attach(model, mode, egroup, **layout)
+        out[f"layout/{mode}"] = {k: (v.shard_size, v.replica_size) for k, v in zopt.layouts.items()}
         assert [p.name for p in zopt.sharded_plans] == ["dense", "expert"]
         _train(model, zopt, sched, range(SAVE_AT), rank, world)
         path = os.path.join(root, mode)
@@ -361,6 +368,8 @@ def test_expert_groups_train_like_the_reference_and_save_each_groups_experts(exp
 
     root, res = experts
     ref = _reference(TOTAL)
+    assert res[0]["layout/allgather"] == {"dense": (2, 2), "expert": (2, 1)}
+    assert res[0]["layout/broadcast"] == {"dense": (4, 1), "expert": (2, 1)}
     for mode in MODES:
         for r, got in enumerate(res):
             if r % 2 == 0:
