@@ -11,6 +11,9 @@ ranks in one mode loads on M ranks in either mode:
                                    state (broadcast mode) as plain tensors
     optim.master.<param>           fp32 master pieces (only with master_dtype)
 
+With expert sub-groups the expert groups' own entries carry the prefix
+`experts.<g>.` (`_ckpt_keys`, [Note: checkpoint keys]).
+
 zerocomm's own entries (meta: format, mode, world size, optimizer class,
 param names per group; the param groups' hyper-parameters; `step`; `extra`)
 are plain data in `zerocomm.pt`, read back with `torch.load(weights_only=True)`.
@@ -29,7 +32,20 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 from ._ckpt_compat import add_legacy_chunk_hooks
-from .blocks import chunk_prefix
+from ._ckpt_keys import (
+    MASTER,
+    MODEL,
+    STATE,
+    Keys,
+    check_groups,
+    checkpoint_group,
+    model_entries,
+    own_view,
+    report,
+    resolve,
+    saved_groups,
+    view,
+)
 from .optimizer_state import local_positions
 
 if TYPE_CHECKING:
@@ -38,7 +54,6 @@ if TYPE_CHECKING:
 FORMAT = 1  # of the meta entry; the directory's format is _ckpt_fs.FORMAT
 META, STEP, EXTRA = "zerocomm.meta", "zerocomm.step", "zerocomm.extra"
 GROUPS = "optim.param_groups"
-STATE, MASTER, MODEL = "optim.state.", "optim.master.", "model."
 
 
 # ------------------------------------------------------------------ helpers
@@ -72,20 +87,25 @@ def _group_names(zopt: "ShardedOptimizer") -> list[list[str]]:
 
 
 def dcp_group(zopt: "ShardedOptimizer") -> dist.ProcessGroup | None:
-    """The group DCP coordinates over; None without torch.distributed."""
+    """The group DCP coordinates over (every rank holding part of the
+    model: the shard groups and their replicas); None without
+    torch.distributed."""
     if not dist.is_initialized():
         return None
-    group = zopt.group
-    members = dist.get_process_group_ranks(group)
-    for name, g in zopt.process_groups.items():
-        if dist.get_process_group_ranks(g) != members:
-            # Expert parameters synced over sub-groups hold different values
-            # per sub-group: one global key per parameter cannot describe them.
-            raise NotImplementedError(
-                f"checkpointing the {name!r} plan is not supported: it syncs over a sub-group "
-                "of the data-parallel group (expert_group); use the same group for all plans"
-            )
-    return group
+    return checkpoint_group(zopt)
+
+
+def keys_over_group(zopt: "ShardedOptimizer", *, compare_unplanned: bool) -> Keys:
+    """This rank's checkpoint keys, shared over the data-parallel group
+    itself (one all_gather_object, only with an expert plan). `save` and
+    `load` share them over their own gloo group instead."""
+    mine = report(zopt, compare_unplanned=compare_unplanned)
+    group = dcp_group(zopt)
+    if mine is None or group is None:
+        return Keys()
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return resolve(zopt, everyone)
 
 
 def _is_elementwise(key: str, v: Any, local: torch.Tensor) -> bool:
@@ -118,7 +138,9 @@ def _empty_like_md(md: Any, device: torch.device, numel: int | None = None) -> A
 # ------------------------------------------------------- state dict (DCP)
 
 
-def sharded_state_dict(zopt: "ShardedOptimizer", *, metadata: Metadata | None = None) -> dict[str, Any]:
+def sharded_state_dict(
+    zopt: "ShardedOptimizer", *, metadata: Metadata | None = None, keys: Keys | None = None
+) -> dict[str, Any]:
     """This rank's part of the checkpoint, for `dcp.save` / `dcp.load`.
 
     Without `metadata`: the current model and optimizer state (to save, or to
@@ -127,18 +149,22 @@ def sharded_state_dict(zopt: "ShardedOptimizer", *, metadata: Metadata | None = 
     tensors shaped after that checkpoint for this rank's ownership (to load
     into an optimizer that has not stepped yet). Load the result with
     `load_sharded_state_dict`, which checks everything before it writes
-    anything (model tensors are scratch copies when loading).
+    anything (model tensors are scratch copies when loading). With expert
+    sub-groups (`expert_group`) this is a collective over the data-parallel
+    group: the ranks share their expert groups (`keys`: already shared).
     """
-    dcp_group(zopt)  # refuse unsupported expert sub-groups up front
+    if keys is None:
+        keys = keys_over_group(zopt, compare_unplanned=metadata is None)
+    if metadata is not None:
+        check_groups(keys, saved_groups(metadata.state_dict_metadata))
+        keys = keys.for_checkpoint(metadata.state_dict_metadata)
     zopt.synchronize()  # parameters are read (or written) outside a forward pass
     names = _param_names(zopt)
     sd: dict[str, Any] = {}
-    for c, chunk in enumerate(zopt.chunks):
-        for k, v in chunk.state_dict(keep_vars=False).items():
-            # Loading goes into scratch tensors (on the CPU, not doubling GPU
-            # memory): a load that fails half-way must leave the model as it was.
-            key = MODEL + chunk_prefix(c, len(zopt.chunks)) + k
-            sd[key] = v if metadata is None else torch.empty_like(v, device="cpu")
+    for k, v in model_entries(zopt).items():
+        # Loading goes into scratch tensors (on the CPU, not doubling GPU
+        # memory): a load that fails half-way must leave the model as it was.
+        sd[keys.key(k, MODEL + k)] = v if metadata is None else torch.empty_like(v, device="cpu")
     if metadata is None:
         sd[META] = {
             "format": FORMAT,
@@ -147,26 +173,29 @@ def sharded_state_dict(zopt: "ShardedOptimizer", *, metadata: Metadata | None = 
             "optimizer": type(zopt.optim).__name__,
             "param_names": _group_names(zopt),
             "n_chunks": len(zopt.chunks),
+            "layout": {name: lay.describe() for name, lay in zopt.layouts.items()},  # at save
+            "expert_groups": [list(g) for g in keys.groups],  # global ranks of each, at save
         }
         sd[GROUPS] = [{k: v for k, v in g.items() if k != "params"} for g in zopt.optim.param_groups]
     else:
         for key in (META, GROUPS, STEP, EXTRA):
             if key in metadata.state_dict_metadata:
                 sd[key] = None
-    saved = by_param(metadata.state_dict_metadata) if metadata is not None else {}
+    saved = by_param(view(metadata.state_dict_metadata, keys.index)) if metadata is not None else {}
     for lp in zopt.pieces:
         name, p = names[lp.index], zopt.user_params[lp.index]
         if metadata is None:
             for k, v in zopt.optim.state.get(lp.tensor, {}).items():
+                key = keys.key(name, f"{STATE}{name}.{k}")
                 if _is_elementwise(k, v, lp.tensor):
-                    sd[f"{STATE}{name}.{k}"] = _piece(v.detach().reshape(-1), lp.start, p.numel())
+                    sd[key] = _piece(v.detach().reshape(-1), lp.start, p.numel())
                 else:
-                    sd[f"{STATE}{name}.{k}"] = v  # scalar (replicated) or whole-parameter state
+                    sd[key] = v  # scalar (replicated) or whole-parameter state
             if lp.tensor.dtype != p.dtype:
-                sd[MASTER + name] = _piece(lp.tensor.detach().reshape(-1), lp.start, p.numel())
+                sd[keys.key(name, MASTER + name)] = _piece(lp.tensor.detach().reshape(-1), lp.start, p.numel())
             continue
         for k, md in saved.get(name, {}).items():
-            key = f"{STATE}{name}.{k}"
+            key = keys.key(name, f"{STATE}{name}.{k}")
             if isinstance(md, TensorStorageMetadata) and tuple(md.size) == (p.numel(),):
                 sd[key] = _piece(_empty_like_md(md, lp.tensor.device, lp.numel), lp.start, p.numel())
             elif lp.numel != p.numel() and isinstance(md, TensorStorageMetadata) and len(md.size) > 0:
@@ -177,9 +206,10 @@ def sharded_state_dict(zopt: "ShardedOptimizer", *, metadata: Metadata | None = 
                 )
             else:
                 sd[key] = _empty_like_md(md, lp.tensor.device)
-        md = metadata.state_dict_metadata.get(MASTER + name)
+        master_key = keys.key(name, MASTER + name)
+        md = metadata.state_dict_metadata.get(master_key)
         if md is not None and lp.tensor.dtype != p.dtype:
-            sd[MASTER + name] = _piece(_empty_like_md(md, lp.tensor.device, lp.numel), lp.start, p.numel())
+            sd[master_key] = _piece(_empty_like_md(md, lp.tensor.device, lp.numel), lp.start, p.numel())
     return sd
 
 
@@ -204,17 +234,12 @@ def _names_diff(got: list[str], want: list[str]) -> str | None:
     return "; ".join(parts) + " (a different model architecture or number of layers?)"
 
 
-def _live_model(zopt: "ShardedOptimizer") -> dict[str, torch.Tensor]:
-    return {
-        chunk_prefix(c, len(zopt.chunks)) + k: v
-        for c, chunk in enumerate(zopt.chunks)
-        for k, v in chunk.state_dict(keep_vars=False).items()
-    }
-
-
-def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any, metadata: Metadata | None = None) -> None:
+def check_compatible(
+    zopt: "ShardedOptimizer", meta: Any, groups: Any, metadata: Metadata | None = None, keys: Keys | None = None
+) -> None:
     """Every mismatch between a checkpoint and this model/optimizer, named,
-    before anything is read into or written to them."""
+    before anything is read into or written to them (`keys`: this rank's,
+    to check the expert groups against `metadata`)."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"not a zerocomm checkpoint (format {FORMAT}): {META} is {meta!r}")
     saved, mine = meta.get("optimizer"), type(zopt.optim).__name__
@@ -224,9 +249,12 @@ def check_compatible(zopt: "ShardedOptimizer", meta: Any, groups: Any, metadata:
             f"load it into the same optimizer class ({saved}); consolidate() gives the "
             "model weights alone"
         )
-    live = _live_model(zopt)
+    live = model_entries(zopt)
     if metadata is not None:  # names, shapes and dtypes of the model's tensors
-        md = {k[len(MODEL) :]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(MODEL)}
+        keys = keys or Keys()
+        check_groups(keys, saved_groups(metadata.state_dict_metadata))
+        entries = view(metadata.state_dict_metadata, keys.index)
+        md = {k[len(MODEL) :]: v for k, v in entries.items() if k.startswith(MODEL)}
         diff = _names_diff(list(md), list(live))
         if diff is not None:
             raise ValueError(f"model parameters/buffers do not match the checkpoint: {diff}")
@@ -272,10 +300,11 @@ def load_sharded_state_dict(zopt: "ShardedOptimizer", state_dict: dict[str, Any]
     param groups' hyper-parameters. No collective; every rank leaves with
     identical parameters, so no sync needs to be launched. Everything is
     checked before anything is written: a refused load changes nothing."""
+    state_dict = own_view(state_dict)  # this rank's expert group's entries, unprefixed
     check_compatible(zopt, state_dict.get(META), state_dict.get(GROUPS))
     zopt.synchronize()
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for name, dst in _live_model(zopt).items():
+    for name, dst in model_entries(zopt).items():
         src = state_dict.get(MODEL + name)
         if not torch.is_tensor(src) or src.shape != dst.shape or src.dtype != dst.dtype:
             what = "missing" if not torch.is_tensor(src) else f"{tuple(src.shape)} {src.dtype}"

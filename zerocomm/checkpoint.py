@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from . import _ckpt_fs as fs
 from ._ckpt_coord import DEFAULT_TIMEOUT_S, Coordinator, as_exception, coordination
 from ._ckpt_fs import OLD_SUFFIX, CheckpointError, Paths
+from ._ckpt_keys import Keys, report, resolve, saved_groups, view
 from ._ckpt_read import (
     Opened,
     SafeEmptyLoadPlanner,
@@ -108,14 +109,37 @@ def save(
         _save(path, zopt, co, step, extra)
 
 
+def _keys(zopt: "ShardedOptimizer", co: Coordinator, *, saving: bool) -> Keys:
+    """This rank's checkpoint keys, the expert groups shared over `co`
+    (nothing to share without an expert plan: the same on every rank)."""
+    err: BaseException | None = None
+    mine = None
+    try:
+        mine = report(zopt, compare_unplanned=saving)
+    except Exception as e:
+        err = e
+    co.agree(err, "describing the expert groups")
+    if mine is None:
+        return Keys()
+    keys = Keys()
+    everyone = co.all_gather(mine, "sharing the expert groups")
+    try:
+        keys = resolve(zopt, everyone)
+    except Exception as e:
+        err = e
+    co.agree(err, "checking the expert groups")
+    return keys
+
+
 def _save(path: str | os.PathLike, zopt: "ShardedOptimizer", co: Coordinator, step: Any, extra: Any) -> None:
     err: BaseException | None = None
     sd: dict[str, Any] = {}
     blob = b""
     paths: Paths | None = None
+    keys = _keys(zopt, co, saving=True)
     try:
         paths = fs.normalise(path)
-        sd = sharded_state_dict(zopt)
+        sd = sharded_state_dict(zopt, keys=keys)
         entries = {"meta": sd.pop(META), "param_groups": sd.pop(GROUPS), "step": step, "extra": extra}
         blob = fs.entries_bytes(entries)
     except Exception as e:
@@ -195,12 +219,14 @@ def load(
         err: BaseException | None = None
         opened: Opened | None = None
         sd: dict[str, Any] = {}
+        keys = _keys(zopt, co, saving=False)
         try:
             opened = open_checkpoint(fs.resolve(fs.normalise(path)), trusted)
             data = sorted(f for f in opened.marker["files"] if f not in (fs.ENTRIES, fs.METADATA))
             fs.verify(opened.path, opened.marker, data[co.rank :: co.world])  # each rank a share
-            check_compatible(zopt, opened.entries.get("meta"), opened.entries.get("param_groups"), opened.metadata)
-            sd = sharded_state_dict(zopt, metadata=opened.metadata)
+            meta, groups = opened.entries.get("meta"), opened.entries.get("param_groups")
+            check_compatible(zopt, meta, groups, opened.metadata, keys)
+            sd = sharded_state_dict(zopt, metadata=opened.metadata, keys=keys)
         except Exception as e:
             err = e
         co.agree(err, "checking the checkpoint")
@@ -226,13 +252,19 @@ def load(
     return Loaded(opened.entries.get("step"), opened.entries.get("extra"))
 
 
-def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+def consolidate(
+    path: str | os.PathLike, out_file: str | os.PathLike, *, trusted: bool = False, expert_group: int | None = None
+) -> dict[str, Any]:
     """Turn the sharded checkpoint at `path` into one `torch.save` file (one
     process, no process group needed):
 
         {"model": model state_dict (a list of them for several chunks),
          "optimizer": state_dict in the unsharded torch optimizer's format,
          "step": ..., "extra": ..., "master": {param name: fp32 master} if any}
+
+    A checkpoint of expert sub-groups holds one set of experts per expert
+    group: `expert_group=g` picks the model (and optimizer state) as the
+    ranks of the g-th expert group (by lowest rank) hold it.
 
     Returns the same dict. Checks every file's checksum and runs no code from
     the files unless `trusted=True` (see `load`)."""
@@ -256,6 +288,7 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
     meta = opened.entries.get("meta")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a zerocomm checkpoint (meta format {FORMAT})")
+    sd = view(sd, _expert_group(path, saved_groups(sd), expert_group))
     whole = {k[len(MODEL) :]: v for k, v in sd.items() if k.startswith(MODEL)}
     model: dict[str, Any] | list[dict[str, Any]] = whole
     saved = by_param(sd)
@@ -287,3 +320,17 @@ def consolidate(path: str | os.PathLike, out_file: str | os.PathLike, *, trusted
         out["master"] = masters
     torch.save(out, os.fspath(out_file))
     return out
+
+
+def _expert_group(path: str | os.PathLike, saved: int, expert_group: int | None) -> int | None:
+    """Which expert group's entries `consolidate` takes (None: no groups)."""
+    if saved == 1 and expert_group in (None, 0):
+        return None
+    if expert_group is None:
+        raise ValueError(
+            f"{path} holds the experts of {saved} expert groups: pass expert_group=g "
+            f"(0..{saved - 1}, the g-th by lowest rank) for the model one group's ranks hold"
+        )
+    if isinstance(expert_group, bool) or not isinstance(expert_group, int) or not 0 <= expert_group < saved:
+        raise ValueError(f"expert_group must be an int in 0..{saved - 1} for {path}, got {expert_group!r}")
+    return expert_group

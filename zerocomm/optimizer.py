@@ -21,7 +21,7 @@ from .layout import DPLayout
 from .param_sync import ParamSync
 from .plan import Plan
 from .shard_buffers import LocalParam, ModeContext, ShardBuffers
-from .shards import ShardPiece, StateFormat
+from .shards import ShardedPlan, ShardPiece, StateFormat
 from .validate import all_params, is_elementwise
 
 
@@ -393,6 +393,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def process_groups(self) -> dict[str, dist.ProcessGroup | None]:
         """The group each plan (dense, expert) shards and syncs over."""
         return {u.name: u.group for u in self.units}
+
+    @property
+    def sharded_plans(self) -> tuple[ShardedPlan, ...]:
+        """Each plan's parameters (user order) and group, dense first."""
+        return tuple(
+            ShardedPlan(
+                u.name,
+                tuple(self._index[id(s.param)] for s in u.plan.params if id(s.param) in self._index),
+                u.group,
+                u.transport.world_size,
+            )
+            for u in self.units
+        )
 
     @property
     def world_size(self) -> int:

@@ -26,21 +26,25 @@ def consolidated_state_dict(zopt: ShardedOptimizer, to_rank: int | None = None) 
     torch optimizer over the model's parameters). Collective over the group;
     with `to_rank`, only that rank gets it (others get {})."""
     zopt.synchronize()
-    pieces = []
+    plan_of = {i: k for k, plan in enumerate(zopt.sharded_plans) for i in plan.params}
+    mine: list[list[Any]] = [[] for _ in zopt.sharded_plans]
     for lp in zopt.pieces:
         st = zopt.optim.state.get(lp.tensor)
         if not st:
             continue
         entry = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-        pieces.append((lp.index, lp.start, lp.numel, entry))
-    group = zopt.group
-    world = zopt.world_size
-    if world > 1:
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, pieces, group=group)
-    else:
-        everyone = [pieces]
-    if to_rank is not None and dist.get_rank(group) != to_rank:
+        mine[plan_of[lp.index]].append((lp.index, lp.start, lp.numel, entry))
+    # Each plan's pieces come from the ranks of its own group: ranks of
+    # other expert groups hold other experts under the same names.
+    everyone: list[Any] = []
+    for plan, pieces in zip(zopt.sharded_plans, mine):
+        if plan.world_size > 1:
+            gathered: list[Any] = [None] * plan.world_size
+            dist.all_gather_object(gathered, pieces, group=plan.group)
+            everyone += gathered
+        else:
+            everyone.append(pieces)
+    if to_rank is not None and dist.get_rank(zopt.group) != to_rank:
         return {}
     state: dict[int, dict[str, Any]] = {}
     for rank_pieces in everyone:

@@ -21,6 +21,19 @@ class ShardPiece:
     tensor: torch.Tensor  # what the local optimizer steps: the parameter itself or its master
 
 
+@dataclass(frozen=True)
+class ShardedPlan:
+    """One plan (dense, expert) as checkpoints see it: which parameters it
+    syncs and the group their optimizer state is sharded over. Ranks in
+    different expert groups hold different values of the expert plan's
+    parameters (expert parallelism); ranks of one group hold the same."""
+
+    name: str  # "dense" or "expert"
+    params: tuple[int, ...]  # the parameters' positions in the user's optimizer order
+    group: Any  # the process group the plan syncs over (None: no torch.distributed)
+    world_size: int  # ranks its optimizer state is sharded over (1: the simulated transport)
+
+
 class StateFormat(Protocol):
     """How the unsharded optimizer's state_dict is assembled from (and split
     into) every rank's shard: zerocomm.optimizer_state, handed to the
@@ -57,6 +70,9 @@ class ShardedOptimizer(Protocol):
 
     @property
     def process_groups(self) -> dict[str, Any]: ...  # per plan (dense, expert): the shard group
+
+    @property
+    def sharded_plans(self) -> tuple[ShardedPlan, ...]: ...  # dense first
 
     @property
     def layouts(self) -> dict[str, Any]: ...  # per plan: its layout.DPLayout (shard group, replicas)
