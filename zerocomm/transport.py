@@ -28,11 +28,33 @@ DEFAULT_TIMEOUT_S = 600.0
 class SimulatedTransport:
     """A world-size-1 transport that occupies the comm stream for a modelled
     time: latency + bytes / bandwidth of a ring of `modelled_world` ranks.
-    For benchmarks on one GPU or one CPU core; never the default."""
+    For benchmarks on one GPU or one CPU core; never the default.
+
+    Two tiers (hierarchical ZeRO): `latency_us`/`bandwidth_gbps` are the
+    shard group's tier (intra-node, modelled_world = L ranks); with
+    `replicas` = M > 1 every gradient shard is also all-reduced across M
+    modelled replicas on the inter-node tier (`inter_latency_us`,
+    `inter_bandwidth_gbps`; by default the same as the first tier). Latencies
+    are per collective, not per ring step ([Note: simulated cost] in
+    csrc/simulated_communicator.cpp); benchmarks/scale_model.py
+    (`sim_transports`) derives both tiers from its model of a cluster."""
 
     latency_us: float = 50.0
     bandwidth_gbps: float = 10.0
     modelled_world: int = 8
+    replicas: int = 1
+    inter_latency_us: float = 50.0
+    inter_bandwidth_gbps: float = 10.0
+
+    def replica_communicator(self) -> "_C.Communicator | None":
+        """The inter-node tier's communicator (None when flat: replicas == 1).
+        Its tensor is this process's whole gradient bucket, where a rank of the
+        modelled cluster all-reduces its 1/L shard: shard_of = modelled_world."""
+        if self.replicas == 1:
+            return None  # (0 or less: the native core's ValueError)
+        return _C.simulated_communicator(
+            self.inter_latency_us, self.inter_bandwidth_gbps, self.replicas, shard_of=self.modelled_world
+        )
 
 
 @dataclass
