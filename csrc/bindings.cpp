@@ -3,6 +3,7 @@
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include "communicator.h"
@@ -160,16 +161,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   py::class_<S, std::shared_ptr<S>>(m, "SyncScheduler")
       .def(py::init<std::shared_ptr<Stream>, std::shared_ptr<Communicator>,
-                    int64_t>(),
-           py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"), nogil)
+                    int64_t, std::shared_ptr<Communicator>>(),
+           py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"),
+           py::arg("replica") = nullptr, nogil)
       .def("add_param_bucket", &S::add_param_bucket, py::arg("flat"),
            py::arg("copy_in"), py::arg("in_offsets"), py::arg("copy_out"),
            py::arg("out_offsets"), py::arg("root"), py::arg("label"),
            py::arg("collective") = Collective::kBroadcast)
-      .def("add_grad_bucket", &S::add_grad_bucket, py::arg("flat"),
-           py::arg("shard"), py::arg("offsets"), py::arg("numels"),
-           py::arg("root"), py::arg("label"),
-           py::arg("collective") = Collective::kReduce)
+      .def(
+          "add_grad_bucket",
+          [](S& s, at::Tensor flat, at::Tensor shard,
+             std::vector<int64_t> offsets, std::vector<int64_t> numels,
+             int root, std::string label, Collective op,
+             std::optional<at::Tensor> replica) {
+            return s.add_grad_bucket(std::move(flat), std::move(shard),
+                                     std::move(offsets), std::move(numels),
+                                     root, std::move(label), op,
+                                     replica.value_or(at::Tensor()));
+          },
+          py::arg("flat"), py::arg("shard"), py::arg("offsets"),
+          py::arg("numels"), py::arg("root"), py::arg("label"),
+          py::arg("collective") = Collective::kReduce,
+          py::arg("replica") = py::none())
       .def("launch", &S::launch, py::arg("order"), nogil)
       .def("wait_param", &S::wait_param, nogil)
       .def("reduce_grads", &S::reduce_grads, py::arg("bucket"),
@@ -188,5 +201,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_debug_delay", &S::set_debug_delay, py::arg("seconds"))
       .def_property_readonly("timeout_ms", &S::timeout_ms)
       .def_property_readonly("transport", &S::transport)
+      .def("traffic", &S::traffic)
       .def_property_readonly("is_cuda", &S::is_cuda);
 }

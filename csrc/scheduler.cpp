@@ -6,26 +6,56 @@
 
 namespace zerocomm {
 
+void Traffic::add(Tier tier, Collective op, const at::Tensor& t) {
+  const int i = static_cast<int>(op);
+  calls_[tier][i].fetch_add(1, std::memory_order_relaxed);
+  bytes_[tier][i].fetch_add(static_cast<int64_t>(t.numel() * t.element_size()),
+                            std::memory_order_relaxed);
+}
+
+std::vector<TrafficRow> Traffic::rows() const {
+  static const char* tiers[] = {"shard", "replica"};
+  static const char* ops[kOps] = {"broadcast", "all_gather", "reduce",
+                                  "reduce_scatter", "all_reduce"};
+  std::vector<TrafficRow> out;
+  for (int t = 0; t < 2; ++t)
+    for (int i = 0; i < kOps; ++i)
+      if (calls_[t][i].load() > 0)
+        out.emplace_back(tiers[t], ops[i], calls_[t][i].load(),
+                         bytes_[t][i].load());
+  return out;
+}
+
 SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
                              std::shared_ptr<Communicator> comm,
-                             int64_t timeout_ms)
-    : comm_(std::move(comm)), timeout_(timeout_ms), stream_(std::move(stream)) {
+                             int64_t timeout_ms,
+                             std::shared_ptr<Communicator> replica)
+    : comm_(std::move(comm)),
+      replica_(std::move(replica)),
+      timeout_(timeout_ms),
+      stream_(std::move(stream)) {
   TORCH_CHECK_VALUE(timeout_ms > 0, "timeout must be positive, got ",
                     timeout_ms, " ms");
   TORCH_CHECK_VALUE(stream_ && comm_,
                     "SyncScheduler needs a stream and a "
                     "communicator");
-  watchdog_ = std::make_unique<Watchdog>(comm_, timeout_);
+  std::vector<std::shared_ptr<Communicator>> comms{comm_};
+  if (replica_) comms.push_back(replica_);
+  watchdog_ = std::make_unique<Watchdog>(comms, timeout_);
   if (stream_->is_cuda()) {
     // Connect now, from this thread, bounded by the timeout (see warm_up).
     auto comm = comm_;
-    stream_->enqueue([comm] { comm->warm_up(); });
+    auto rep = replica_;
+    stream_->enqueue([comm, rep] {
+      comm->warm_up();
+      if (rep) rep->warm_up();
+    });
     auto done = stream_->record();
     watchdog_->track(nullptr, done, "the communicator's warm-up");
     try {
       done->synchronize(timeout_, "the communicator's warm-up");
     } catch (...) {
-      comm_->abort();
+      abort_comms();
       rethrow_cause();
     }
   }
@@ -42,7 +72,7 @@ SyncScheduler::~SyncScheduler() {
       drained = true;
     }
   } catch (...) {
-    comm_->abort();
+    abort_comms();
   }
   // [Note: teardown after abort] Not drained (aborted, or the wait above
   // failed): the comm stream may still run queued work that touches the
@@ -63,6 +93,7 @@ SyncScheduler::~SyncScheduler() {
     for (const auto& b : grads_) {
       keep(b->flat);
       keep(b->shard);
+      keep(b->replica);
     }
   }
 }
@@ -86,17 +117,23 @@ void SyncScheduler::check_usable() {
               "error; close() this handle and attach again");
   try {
     comm_->check_error();
+    if (replica_) replica_->check_error();
   } catch (...) {
     aborted_ = true;
     throw;
   }
 }
 
+void SyncScheduler::abort_comms() {
+  comm_->abort();
+  if (replica_) replica_->abort();
+}
+
 void SyncScheduler::rethrow_cause() {
   // Any failed wait ends this handle: the abort makes whatever the comm
   // stream still runs return now, so close() and exit do not wait for it.
   aborted_ = true;
-  comm_->abort();
+  abort_comms();
   watchdog_->rethrow_if_failed();
   throw;
 }
@@ -146,7 +183,8 @@ int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
 int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
                                        std::vector<int64_t> offsets,
                                        std::vector<int64_t> numels, int root,
-                                       std::string label, Collective op) {
+                                       std::string label, Collective op,
+                                       at::Tensor replica) {
   TORCH_CHECK_VALUE(op == Collective::kReduce ||
                         op == Collective::kReduceScatter ||
                         op == Collective::kAllReduce,
@@ -161,11 +199,18 @@ int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
           (shard.defined() && shard.numel() * comm_->size() == flat.numel()),
       "bucket ", label, ": reduce-scatter needs a shard of ",
       flat.numel() / comm_->size(), " elements");
+  TORCH_CHECK_VALUE(!replica.defined() || replica_, "bucket ", label,
+                    ": a replica stage needs the scheduler's replica "
+                    "communicator");
+  TORCH_CHECK_VALUE(
+      !replica.defined() || replica.scalar_type() == flat.scalar_type(),
+      "bucket ", label, ": the replica tensor must have the bucket's dtype");
   auto b = std::make_shared<GradBucket>();
   b->in_layout = FlatLayout::explicit_offsets(
       std::move(offsets), std::move(numels), flat.numel(), flat.scalar_type());
   b->flat = std::move(flat);
   b->shard = std::move(shard);
+  b->replica = std::move(replica);
   b->op = op;
   b->root = root;
   b->label = std::move(label);
@@ -218,9 +263,11 @@ void SyncScheduler::launch(const std::vector<int64_t>& order) {
     auto b = params_[i];
     auto comm = comm_;
     const double delay = debug_delay_s_;
-    b->done = enqueue_traced(b->label, [b, comm, delay] {
+    auto traffic = traffic_;
+    b->done = enqueue_traced(b->label, [b, comm, delay, traffic] {
       if (delay > 0) comm->hold(delay, b->flat.is_cuda());
       if (!b->copy_in.empty()) flatten(b->copy_in, b->in_layout, b->flat);
+      traffic->add(Traffic::kShard, b->op, b->flat);
       if (b->op == Collective::kAllGather)
         comm->all_gather(b->flat);
       else
@@ -293,13 +340,24 @@ void SyncScheduler::reduce_grads(int64_t i, std::vector<at::Tensor> grads,
   flatten(grads, b->in_layout, b->flat);
   stream_->wait(stream_->record_current(), timeout_, "backward");
   auto comm = comm_;
-  b->done = enqueue_traced(b->label, [b, comm, average] {
+  auto rep = replica_;
+  auto traffic = traffic_;
+  b->done = enqueue_traced(b->label, [b, comm, rep, traffic, average] {
+    // [Note: hierarchical layout] With a replica stage the shard group
+    // sums, the replicas sum, and the mean is taken once, over L * M.
+    const bool staged = b->replica.defined();
+    const bool mean_here = average && !staged;
+    traffic->add(Traffic::kShard, b->op, b->flat);
     if (b->op == Collective::kReduceScatter)
-      comm->reduce_scatter(b->flat, b->shard, average);
+      comm->reduce_scatter(b->flat, b->shard, mean_here);
     else if (b->op == Collective::kAllReduce)
-      comm->all_reduce(b->flat, average);
+      comm->all_reduce(b->flat, mean_here);
     else
-      comm->reduce(b->flat, b->root, average);
+      comm->reduce(b->flat, b->root, mean_here);
+    if (!staged) return;
+    traffic->add(Traffic::kReplica, Collective::kAllReduce, b->replica);
+    rep->all_reduce(b->replica, false);
+    if (average) b->replica.div_(comm->size() * rep->size());
   });
 }
 
@@ -350,7 +408,7 @@ void SyncScheduler::check() {
 void SyncScheduler::abort() {
   // No lock: abort() must get through while another thread holds mu_.
   aborted_ = true;
-  comm_->abort();
+  abort_comms();
 }
 
 void SyncScheduler::set_tracing(bool on) {

@@ -41,10 +41,14 @@ struct ParamBucket {
 };
 
 // A gradient bucket: gradients copied in (in_layout) -> reduce /
-// reduce-scatter / all-reduce.
+// reduce-scatter / all-reduce over the shard group -> (hierarchical) the
+// all-reduce of `replica` across the replicas ([Note: hierarchical layout]).
 struct GradBucket {
   at::Tensor flat;   // persistent, owned: never recycled
   at::Tensor shard;  // kReduceScatter's output (may be flat's own slice)
+  // What this rank all-reduces across its replicas after the shard group's
+  // collective (its reduced shard, or the owned bucket); undefined: nothing
+  at::Tensor replica;
   FlatLayout in_layout;
   Collective op = Collective::kReduceScatter;
   int root = -1;  // kReduce: the rank it is reduced to
@@ -53,11 +57,32 @@ struct GradBucket {
 };
 
 using TraceRow = std::tuple<std::string, std::string, double, double>;
+// (tier: "shard" or "replica", collective, calls, bytes): what this rank
+// handed to each communicator since the scheduler was made.
+using TrafficRow = std::tuple<std::string, std::string, int64_t, int64_t>;
+
+// Bytes handed to each collective, per communicator tier: a measurement of
+// what the scheduler sent, for tests and stats (one atomic add per call).
+class Traffic {
+ public:
+  enum Tier { kShard = 0, kReplica = 1 };
+  void add(Tier tier, Collective op, const at::Tensor& t);
+  std::vector<TrafficRow> rows() const;
+
+ private:
+  static constexpr int kOps = 5;
+  std::atomic<int64_t> calls_[2][kOps] = {};
+  std::atomic<int64_t> bytes_[2][kOps] = {};
+};
 
 class SyncScheduler {
  public:
+  // `replica` (may be null): the communicator across the replicas of this
+  // rank's shard (hierarchical ZeRO); grad buckets with a `replica` tensor
+  // all-reduce it there after the shard group's collective.
   SyncScheduler(std::shared_ptr<Stream> stream,
-                std::shared_ptr<Communicator> comm, int64_t timeout_ms);
+                std::shared_ptr<Communicator> comm, int64_t timeout_ms,
+                std::shared_ptr<Communicator> replica = nullptr);
   ~SyncScheduler();
   SyncScheduler(const SyncScheduler&) = delete;
   SyncScheduler& operator=(const SyncScheduler&) = delete;
@@ -72,7 +97,8 @@ class SyncScheduler {
                           std::vector<int64_t> offsets,
                           std::vector<int64_t> numels, int root,
                           std::string label,
-                          Collective op = Collective::kReduce);
+                          Collective op = Collective::kReduce,
+                          at::Tensor replica = {});
 
   // Enqueue the parameter sync of `order` (bucket ids, forward order).
   void launch(const std::vector<int64_t>& order);
@@ -106,6 +132,7 @@ class SyncScheduler {
   void set_debug_delay(double seconds) { debug_delay_s_ = seconds; }
   int64_t timeout_ms() const { return timeout_.count(); }
   std::string transport() const { return comm_->name(); }
+  std::vector<TrafficRow> traffic() const { return traffic_->rows(); }
   bool is_cuda() const { return stream_->is_cuda(); }
 
  private:
@@ -121,10 +148,14 @@ class SyncScheduler {
   // Rethrows the watchdog's error if it has one (the cause of an abort),
   // else the exception being handled.
   [[noreturn]] void rethrow_cause();
+  void abort_comms();  // the shard group's communicator and the replicas'
   std::shared_ptr<Event> enqueue_traced(const std::string& label,
                                         std::function<void()> fn);
 
   std::shared_ptr<Communicator> comm_;
+  std::shared_ptr<Communicator> replica_;  // null when flat
+  // Shared with the queued tasks, which count on the comm worker.
+  std::shared_ptr<Traffic> traffic_ = std::make_shared<Traffic>();
   std::vector<std::shared_ptr<ParamBucket>> params_;
   std::vector<std::shared_ptr<GradBucket>> grads_;
   std::shared_ptr<Event> last_;

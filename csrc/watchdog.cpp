@@ -7,9 +7,9 @@
 
 namespace zerocomm {
 
-Watchdog::Watchdog(std::shared_ptr<Communicator> comm, Millis timeout,
-                   Millis poll)
-    : comm_(std::move(comm)),
+Watchdog::Watchdog(std::vector<std::shared_ptr<Communicator>> comms,
+                   Millis timeout, Millis poll)
+    : comms_(std::move(comms)),
       timeout_(timeout),
       poll_(poll),
       thread_([this] { run(); }) {}
@@ -85,7 +85,7 @@ void Watchdog::run() {
                     "`timeout` if the job is just slow)");
       }
       lock.unlock();
-      comm_->check_error();  // NCCL's asynchronous errors
+      for (const auto& c : comms_) c->check_error();  // NCCL's async errors
       lock.lock();
     } catch (...) {
       if (!lock.owns_lock()) lock.lock();
@@ -97,7 +97,7 @@ void Watchdog::run() {
     error_ = error;
     pending_.clear();
     lock.unlock();
-    comm_->abort();  // kernels exit, CPU waits and holds return
+    for (const auto& c : comms_) c->abort();  // kernels exit, waits return
     lock.lock();
   }
 }

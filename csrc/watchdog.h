@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "communicator.h"
 #include "stream.h"
@@ -21,7 +22,9 @@ namespace zerocomm {
 
 class Watchdog {
  public:
-  Watchdog(std::shared_ptr<Communicator> comm, Millis timeout,
+  // `comms`: every communicator the watched work uses (the shard group's
+  // and, hierarchical, the replicas'); a failure aborts all of them.
+  Watchdog(std::vector<std::shared_ptr<Communicator>> comms, Millis timeout,
            Millis poll = Millis(100));
   ~Watchdog();  // stops and joins the thread (never leaves it joinable)
   Watchdog(const Watchdog&) = delete;
@@ -49,7 +52,7 @@ class Watchdog {
     bool started = false;  // `begin` seen complete; timed from `since`
     std::chrono::steady_clock::time_point since;
   };
-  std::shared_ptr<Communicator> comm_;
+  std::vector<std::shared_ptr<Communicator>> comms_;
   const Millis timeout_, poll_;
   std::mutex mu_;
   std::condition_variable cv_;

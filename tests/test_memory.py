@@ -138,13 +138,14 @@ def _bf16_job(rank: int, world: int, mode: str) -> dict:
         else:
             zopt.step()
         zopt.zero_grad()
-    # allgather: the fp32 gradient of this rank's slice lives in the bf16 bucket's dead part;
-    # ZeRO-2: the kept slice is the fp32 gradient itself
-    in_bucket = all(
+    # the fp32 gradient of what this rank steps lives in the dead part of the bf16 gradient
+    # store (allgather: beside its slice; broadcast: beside its owned buckets); ZeRO-2: the
+    # kept slice is the fp32 gradient itself
+    stepped = [r for u in zopt.units for r in u.buckets if r.locals]
+    in_bucket = bool(stepped) and all(
         r.master_grad is not None
         and (r.master_grad is r.grad_shard if shard_grads else _storage(r.master_grad) == _storage(r.grad_flat))
-        for u in zopt.units
-        for r in u.buckets
+        for r in stepped
     )
     zopt.synchronize()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -288,8 +289,7 @@ def _bf16(mode: str) -> list[dict]:
 def test_master_dtype_step_allocates_nothing(mode: str) -> None:
     for r in _bf16(mode):
         assert r["step_allocations"] == [], r["step_allocations"]
-        if mode != "broadcast":
-            assert r["master_grad_in_bucket"], "the fp32 master gradient is a buffer of its own"
+        assert r["master_grad_in_bucket"], "the fp32 master gradient is a buffer of its own"
 
 
 def test_master_dtype_zero2_matches_zero1() -> None:
@@ -346,3 +346,32 @@ def test_close_releases_gradient_views() -> None:
 def test_backward_without_zero_grad_raises(mode: str) -> None:
     for msg in run_ranks(_stale_job, WORLD, mode, timeout=120):
         assert "zopt.zero_grad()" in msg and "left from the last step" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "runs, nbytes, want",
+    [
+        # broadcast, 2 ranks owning halves of 8 bf16 elements (16 B): rank 0 widens over the
+        # store from its start (last chunk first), rank 1 ending where its half ends
+        ([(0, 4)], 16, [(0, False)]),
+        ([(4, 8)], 16, [(0, True)]),
+        # allgather slices: the copy takes the previous neighbour when there is one
+        ([(2, 4), (6, 8)], 16, [(0, True), (8, True)]),
+        # two own runs back to back with nothing dead before the first: it cannot widen in
+        # place (the second run is live); the second ends where it ends
+        ([(0, 4), (6, 8)], 16, [None, (8, True)]),
+        # the last run may reach past the store (the store grows by the rest)
+        ([(2, 6)], 12, [(4, False)]),
+        # one rank owns everything: a store the size of the copy, no dead memory to share
+        ([(0, 8)], 16, [(0, False)]),
+    ],
+)
+def test_place_widened(runs: list, nbytes: int, want: list) -> None:
+    """bf16 -> fp32 copies placed in dead gradient memory, never over another run."""
+    from zerocomm.shard_buffers import place_widened
+
+    got = place_widened(runs, 2, 4, nbytes)
+    assert got == want
+    placed = [(p[0], p[0] + (b - a) * 4) for (a, b), p in zip(runs, got) if p is not None]
+    for k, (x, y) in enumerate(placed):  # copies never overlap each other
+        assert all(y <= u or v <= x for u, v in placed[k + 1 :])

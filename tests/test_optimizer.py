@@ -302,7 +302,11 @@ def _features(rank: int, world: int) -> dict:
 def _bf16(rank: int, world: int) -> dict:
     """Acceptance 4: bf16 working parameters, fp32 master shards."""
     import zerocomm
+    from zerocomm.shard_buffers import GradMode
 
+    # the fp32 gradients are widened in place in many small, ragged chunks, so a chunk
+    # taken in the wrong order would overwrite bf16 gradients not yet read
+    GradMode.SCRATCH = 7
     out: dict[Any, Any] = {}
     for mode in MODES:
         model, opt = _make("adamw", torch.bfloat16)

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from . import __version__, optimizer_state
 from .blocks import BlocksArg
+from .layout import DPLayout, exchange_group, resolve_layout
 from .optimizer import ZeroOptimizer
 from .param_sync import ParamSync, plan_units
 from .transport import SimulatedTransport, group_timeout_s, resolve_group
@@ -25,6 +26,9 @@ def attach(
     *,
     mode: str = "broadcast",
     group: dist.ProcessGroup | None = None,
+    shard_group: dist.ProcessGroup | None = None,
+    replicate_group: dist.ProcessGroup | None = None,
+    mesh: Any = None,
     expert_group: dist.ProcessGroup | None = None,
     expert_filter: Callable[[str, nn.Parameter], bool] | None = None,
     blocks: BlocksArg = None,
@@ -45,18 +49,27 @@ def attach(
     "allgather" (element-wise optimizers; every bucket split evenly).
     Parameters become views of zerocomm's sync buffers (`zero_copy` is
     kept for compatibility and has no effect).
+
+    Hierarchical ZeRO (as FSDP2's HSDP): `shard_group` + `replicate_group`,
+    or `mesh` (a 2D DeviceMesh with dims ("replicate", "shard")): optimizer
+    state and the parameter sync live inside the shard group; gradients are
+    reduced inside it, then all-reduced across the replicas of each shard
+    ([Note: hierarchical layout]).
     """
     chunks: list[nn.Module] = (
         list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [cast(nn.Module, model)]
     )
-    group = resolve_group(group)  # not initialised: there are no peers to tell
+    resolve_group(group)  # not initialised: there are no peers to tell
+    verdict_group = exchange_group(group, shard_group, mesh)
     # Every check runs before zerocomm's own collectives. The one exchange
     # below shares each rank's verdict, so a check that fails on one rank
     # only fails all of them instead of leaving the others waiting.
     error: Exception | None = None
     fingerprint: list[tuple] | None = None
     device: torch.device | None = None
+    layout: DPLayout | None = None
     try:
+        layout = resolve_layout(group, shard_group, replicate_group, mesh)
         check_options(
             mode=mode,
             partition=partition,
@@ -76,7 +89,7 @@ def attach(
         units = plan_units(
             chunks,
             mode=mode,
-            group=group,
+            layout=layout,
             expert_group=expert_group,
             expert_filter=expert_filter,
             transport=transport,
@@ -89,13 +102,19 @@ def attach(
             [(u.name, u.plan) for u in units],
             optimizer=type(optimizer).__name__ if optimizer is not None else "none",
             version=__version__,
-            options=f"shard_grads={optimizer_options.get('shard_grads', False)}",
+            options=f"shard_grads={optimizer_options.get('shard_grads', False)} layout={layout.describe()}",
         )
     except Exception as e:  # raised below, after the peers have heard of it
         error = e
-    check_plan_consistent(fingerprint, error, group=group, device=device)
-    timeout_s = float(timeout) if timeout is not None else group_timeout_s(group)
-    assert device is not None  # check_model ran: any failure was raised above
+    check_plan_consistent(
+        fingerprint,
+        error,
+        group=verdict_group,
+        device=device,
+        layout=layout.facts() if layout is not None else None,
+    )
+    assert device is not None and layout is not None  # any failure was raised above
+    timeout_s = float(timeout) if timeout is not None else group_timeout_s(layout.group)
     sync_options: dict[str, Any] = dict(
         mode=mode,
         units=units,

@@ -45,7 +45,13 @@ class GradPath:
         self._watch = guards.GradWatch()
         self.position = divergence.Position()  # carried by every vote: [Note: diverged ranks]
         self.diverged = False  # then collectives are in flight that no peer will join
-        self._presence = [guards.GradPresence(u.group, u.transport.world_size, u.transport.timeout_s) for u in units]
+        # over every rank of the layout: replicas vote too ([Note: hierarchical layout])
+        self._presence = [
+            guards.GradPresence(
+                u.data_parallel_group, u.transport.world_size * u.transport.replica_size, u.transport.timeout_s
+            )
+            for u in units
+        ]
         self._handles: list[Any] = []
         self._states = [self._arm(ui, u) for ui, u in enumerate(units)]
         self._in_flight = False  # reductions launched and not yet waited for
@@ -144,7 +150,7 @@ class GradPath:
         mark of a bucket the user has written since (zeroed it)."""
         ddp = guards.active_ddp(module)
         if ddp is not None and ddp is not self.ddp:
-            guards.check_ddp(ddp, [u.group for u in self.units], self.average_grads)
+            guards.check_ddp(ddp, [u.data_parallel_group for u in self.units], self.average_grads)
         self.ddp = ddp
         if self._in_flight and self.has_grad is None and not any(st.launched for st in self._states):
             self._wait_all()

@@ -17,6 +17,7 @@ import torch.nn as nn
 from . import guards
 from .grad_path import GradPath
 from .hparams import HyperParams
+from .layout import DPLayout
 from .param_sync import ParamSync
 from .plan import Plan
 from .shard_buffers import LocalParam, ModeContext, ShardBuffers
@@ -180,6 +181,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._bind_grads()
         norm_type = float(norm_type)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
+        # Summed over the shard group only: it holds every shard once, and
+        # the replicas of a shard hold bitwise the same reduced gradient, so
+        # the norm is the global one on every rank without counting any
+        # shard M times ([Note: hierarchical layout]).
         for ui, u in enumerate(self.units):
             grads = [lp.tensor.grad for lp in self.buffers.locals(ui) if lp.tensor.grad is not None]
             if norm_type == math.inf:
@@ -380,17 +385,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @property
     def group(self) -> dist.ProcessGroup | None:
-        """The data-parallel group of the dense plan."""
+        """The group the dense plan shards over: the data-parallel group when
+        flat, the shard group when hierarchical (`layouts` has the replicas)."""
         return self.units[0].group
 
     @property
     def process_groups(self) -> dict[str, dist.ProcessGroup | None]:
-        """The group each plan (dense, expert) syncs over."""
+        """The group each plan (dense, expert) shards and syncs over."""
         return {u.name: u.group for u in self.units}
 
     @property
     def world_size(self) -> int:
+        """Ranks the dense plan shards over (the shard group's size)."""
         return self.units[0].transport.world_size
+
+    @property
+    def layouts(self) -> dict[str, DPLayout]:
+        """The data-parallel layout of each plan (dense, expert): its shard
+        group and the replicas of each shard ([Note: hierarchical layout])."""
+        return {u.name: u.layout for u in self.units if u.layout is not None}
 
     def buffer_bytes(self) -> int:
         """Bytes of zerocomm's own buffers on this rank: parameter flats (the
@@ -431,6 +444,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def export_chrome_trace(self, path: str) -> str:
         return self.sync.export_chrome_trace(path)
+
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Bytes handed to zerocomm's collectives, per tier (ParamSync.traffic)."""
+        return self.sync.traffic()
 
     def optimizer_state_numel(self) -> int:
         """Elements of optimizer state held by this rank (tensors only)."""

@@ -88,12 +88,10 @@ class ParamSync:
         self._first_calls: list[nn.Module] = []
         self.attached_to: list[nn.Module] = []  # models attach() marked with this handle
         self._sequence: list[tuple[int, int]] = []  # (unit, bucket) launch order, from the first launch
-        for name, grp, plan in units:  # planned once, by attach (see plan_units)
-            t = open_transport(grp, device, transport, timeout_s, high_priority)
+        for name, grp, plan, layout in units:  # planned once, by attach (see plan_units)
+            t = open_transport(grp, device, transport, timeout_s, high_priority, layout.replicate_group)
             assert t.world_size == plan.world_size, (name, t.world_size, plan.world_size)
-            unit = build_unit(name, plan, t, device)
-            unit.group = grp
-            self.units.append(unit)
+            self.units.append(build_unit(name, plan, t, device, layout))
         waits: dict[nn.Module, list[Wait]] = {}
         for u in self.units:
             for blk, buckets in zip(u.plan.blocks, u.plan.block_buckets):
@@ -227,6 +225,14 @@ class ParamSync:
     def export_chrome_trace(self, path: str) -> str:
         return str(telemetry.chrome_trace(self.trace(), path))
 
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Bytes this rank handed to each of zerocomm's collectives since
+        attach, per tier: {"shard": {"all_gather": n, ...}, "replica":
+        {"all_reduce": n}} (hierarchical ZeRO: only gradient shards cross
+        replicas). Always counted; no tracing needed."""
+        self._check_open()
+        return telemetry.traffic([u.sched for u in self.units])
+
     def close(self) -> None:
         """Remove hooks, wait for (or abort) outstanding syncs, free buffers
         and communicators. Idempotent."""
@@ -287,9 +293,11 @@ class ParamSync:
                 pos = min((seen.get(id(u.plan.blocks[b].module), big + b) for b in bk.blocks), default=big)
                 keyed.append((pos, ui, bk.index))
         sequence = [(ui, b) for _, ui, b in sorted(keyed)]
-        if self.units and self.units[0].transport.world_size > 1:
+        first = self.units[0] if self.units else None
+        if first is not None and first.transport.world_size * first.transport.replica_size > 1:
+            # over every rank of the layout: the replicas launch in one order too
             box = [sequence]
-            dist.broadcast_object_list(box, group=self.units[0].group, group_src=0)
+            dist.broadcast_object_list(box, group=first.data_parallel_group, group_src=0)
             sequence = [(int(x[0]), int(x[1])) for x in box[0]]
         self._sequence = sequence
         for ui, u in enumerate(self.units):

@@ -32,6 +32,47 @@ from .sync_unit import BucketRecord, SyncUnit, alias
 
 Collective = _C.Collective
 STAGING_SLOTS = 2  # ZeRO-2: full-size gradient buckets in flight per unit and dtype
+GRAD_ALIGN_BYTES = 16  # each bucket's gradient flat starts this aligned inside its store
+
+
+@dataclass
+class Widening:
+    """One run of this rank's reduced gradients in a gradient store, and its
+    master_dtype copy ([Note: master gradient in the bucket])."""
+
+    src: torch.Tensor  # the reduced gradients (bucket dtype)
+    dst: torch.Tensor  # their master_dtype copy: the local optimizer's gradients
+    forward: bool  # in place: widen first element first (dst ends where src ends)
+    in_place: bool  # dst overlays src and the dead gradients beside it
+
+
+def place_widened(runs: list[tuple[int, int]], item: int, width: int, nbytes: int) -> list[tuple[int, bool] | None]:
+    """Where each run [a, b) (elements of `item` bytes) of a gradient store of
+    `nbytes` gets its `width`-byte copy: (byte offset, forward) or None.
+
+    Two placements are safe to widen in place through a scratch, chunk by
+    chunk ([Note: master gradient in the bucket]): ending where the run ends
+    (dst at or below src: first chunk first) or starting where it starts
+    (dst at or above src: last chunk first). Either may only cover dead
+    gradients: no other run, no other copy. The last run may start where it
+    starts and reach past the store's end (the store grows by the rest)."""
+    own = [(a * item, b * item) for a, b in runs]
+    taken: list[tuple[int, int]] = list(own)
+    out: list[tuple[int, bool] | None] = []
+    for k, (s, e) in enumerate(own):
+        need = (e - s) // item * width
+        choice: tuple[int, bool] | None = None
+        for d, fwd in ((e - need, True), (s, False)):
+            last = k == len(own) - 1
+            if width < item or d < 0 or d % width or (d + need > nbytes and not (last and not fwd)):
+                continue
+            if all(d + need <= x or y <= d for x, y in taken if (x, y) != (s, e)):
+                choice = (d, fwd)
+                break
+        if choice is not None:
+            taken.append((choice[0], choice[0] + need))
+        out.append(choice)
+    return out
 
 
 @dataclass
@@ -66,26 +107,127 @@ class GradMode:
     """One unit's gradient buckets in one mode (see the module docstring)."""
 
     keeps_grads = True  # p.grad stays a view of the bucket after hand-over
+    SCRATCH = 1 << 16  # elements of the master_dtype widening's scratch (256 KiB fp32)
 
     def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
         self.unit = unit
         self.ctx = ctx
+        self._stores: dict[torch.dtype, torch.Tensor] = {}  # dtype -> every bucket's gradients, back to back
+        self._offsets: dict[int, int] = {}  # bucket index -> element offset in its dtype's store
+        self._widenings: list[Widening] = []
+        md = ctx.master_dtype or torch.float32
+        self._scratch = torch.empty(0, dtype=md, device=ctx.device)
         for rec in unit.buckets:
             self.build(rec)
+        shared = [w for w in self._widenings if w.in_place]
+        if shared:
+            n = min(self.SCRATCH, max(w.src.numel() for w in shared))
+            self._scratch = torch.empty(n, dtype=md, device=ctx.device)
 
     # -- construction ---------------------------------------------------------
     def build(self, rec: BucketRecord) -> None:
         raise NotImplementedError
 
+    def own_range(self, rec: BucketRecord) -> tuple[int, int] | None:
+        """[start, end) of the elements of the bucket's gradient flat whose
+        reduced values this rank steps (None: it steps none of them)."""
+        raise NotImplementedError
+
     def _grad_buffer(self, rec: BucketRecord) -> torch.Tensor:
-        """A persistent gradient flat with a view per parameter (p.grad's)."""
+        """A persistent gradient flat with a view per parameter (p.grad's):
+        a piece of its dtype's store, with a version counter of its own."""
         b, plan = rec.spec, self.unit.plan
-        flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=self.ctx.device)
+        store = self._stores.get(b.dtype)
+        if store is None:
+            store = self._stores[b.dtype] = self._make_store(b.dtype)
+        flat = alias(store.narrow(0, self._offsets[b.index], b.padded_numel))
         rec.grad_flat = flat
         rec.grad_views = [
             flat.narrow(0, off, plan.params[i].numel).view(plan.params[i].shape) for i, off in zip(b.params, b.offsets)
         ]
         return flat
+
+    def _replica(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """add_grad_bucket's replica stage for `t`, what this rank keeps of
+        the reduced bucket: all-reduced across the replicas of its shard
+        after the shard group's reduction ([Note: hierarchical layout])."""
+        return {"replica": t} if self.unit.transport.replica is not None else {}
+
+    def _make_store(self, dtype: torch.dtype) -> torch.Tensor:
+        """[Note: master gradient in the bucket] One gradient store per dtype
+        holding every bucket's flat back to back (as Megatron's grad buffer),
+        so that with `master_dtype` the widened copy of each run of this
+        rank's reduced gradients can be placed over its own run and the dead
+        gradients of the buckets or slices beside it."""
+        recs = [r for r in self.unit.buckets if r.spec.dtype == dtype]
+        align = max(1, GRAD_ALIGN_BYTES // dtype.itemsize)
+        n = 0
+        for r in recs:
+            self._offsets[r.index] = n
+            n += -(-r.spec.padded_numel // align) * align
+        md = self.ctx.master_dtype
+        runs: list[tuple[int, int]] = []  # this rank's own elements, adjacent ranges merged
+        for r in recs:
+            own = self.own_range(r)
+            if own is None:
+                continue
+            a, b = self._offsets[r.index] + own[0], self._offsets[r.index] + own[1]
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((a, b))
+        widen = md is not None and md != dtype
+        places: list[tuple[int, bool] | None] = []
+        end = n * dtype.itemsize
+        if widen:
+            assert md is not None
+            places = place_widened(runs, dtype.itemsize, md.itemsize, end)
+            end = max([end] + [pl[0] + (b - a) * md.itemsize for (a, b), pl in zip(runs, places) if pl is not None])
+        store = torch.zeros(-(-end // dtype.itemsize), dtype=dtype, device=self.ctx.device)
+        if not widen:
+            return store
+        assert md is not None
+        for (a, b), pl in zip(runs, places):
+            src = store.narrow(0, a, b - a)
+            if pl is None:  # no dead memory beside it: a buffer of its own
+                dst = torch.zeros(b - a, dtype=md, device=self.ctx.device)
+            else:
+                dst = torch.empty(0, dtype=md, device=self.ctx.device).set_(
+                    store.untyped_storage(), pl[0] // md.itemsize, (b - a,), (1,)
+                )
+            w = Widening(src, dst, pl is not None and pl[1], pl is not None)
+            self._widenings.append(w)
+            for r in recs:
+                own = self.own_range(r)
+                if own is not None and a <= self._offsets[r.index] + own[0] < b:
+                    r.master_grad = dst.narrow(0, self._offsets[r.index] + own[0] - a, own[1] - own[0])
+        return store
+
+    def _widen(self, w: Widening) -> None:
+        """This rank's reduced gradients -> their master_dtype copy. In place,
+        through the small scratch in chunks ordered so that no chunk
+        overwrites an element not yet read (see `place_widened`)."""
+        if not w.in_place:
+            w.dst.copy_(w.src)
+            return
+        n = w.src.numel()
+        chunk = self._scratch.numel()
+        starts = list(range(0, n, chunk))
+        if not w.forward:
+            starts.reverse()
+        for a in starts:
+            k = min(chunk, n - a)
+            tmp = self._scratch.narrow(0, 0, k)
+            tmp.copy_(w.src.narrow(0, a, k))
+            w.dst.narrow(0, a, k).copy_(tmp)
+
+    def bind_all(self, has_grad: list[bool]) -> None:
+        """Every reduction of the step has landed: widen this rank's
+        gradients once, then bind every bucket."""
+        for w in self._widenings:
+            self._widen(w)
+        for rec in self.unit.buckets:
+            self.bind(rec, has_grad)
 
     def _local(self, rec: BucketRecord, t: torch.Tensor, i: int, start: int, numel: int, at: int) -> LocalParam:
         p = self.unit.plan.params[i].param
@@ -152,13 +294,12 @@ class GradMode:
 
     def nbytes(self) -> int:
         """Gradient buffers and master copies this mode holds on this rank."""
-        n = 0
+        n = sum(t.untyped_storage().nbytes() for t in self._stores.values())
+        n += sum(w.dst.numel() * w.dst.element_size() for w in self._widenings if not w.in_place)
         for rec in self.unit.buckets:
-            for t in (rec.grad_flat, rec.master_grad):
-                if t is not None:
-                    n += t.numel() * t.element_size()
-            if rec.master is not None and rec.master.untyped_storage().data_ptr() != rec.param_flat.data_ptr():
-                n += rec.master.numel() * rec.master.element_size()
+            m = rec.master
+            if m is not None and m.untyped_storage().data_ptr() != rec.param_flat.untyped_storage().data_ptr():
+                n += m.numel() * m.element_size()
         return n
 
 
@@ -170,18 +311,27 @@ class BroadcastGrads(GradMode):
         flat = self._grad_buffer(rec)
         assert b.owner is not None
         empty = torch.empty(0, dtype=b.dtype, device=self.ctx.device)
+        reduced = alias(flat)  # the owner keeps the whole reduced bucket
         rec.grad_id = u.sched.add_grad_bucket(
-            alias(flat), empty, [], [], b.owner, f"grad:{u.name}:{b.index}", Collective.REDUCE
+            reduced,
+            empty,
+            [],
+            [],
+            b.owner,
+            f"grad:{u.name}:{b.index}",
+            Collective.REDUCE,
+            **(self._replica(reduced) if b.owner == u.rank else {}),
         )
         if b.owner != u.rank:
             return
         md = self.ctx.master_dtype
-        if md is not None and md != b.dtype:
-            rec.master_grad = torch.zeros(b.numel, dtype=md, device=self.ctx.device)
         for i, off in zip(b.params, b.offsets):
             p = u.plan.params[i].param
-            t = p if rec.master_grad is None else nn.Parameter(p.detach().to(md).clone())
+            t = p if md is None or md == b.dtype else nn.Parameter(p.detach().to(md).clone())
             rec.locals.append(self._local(rec, t, i, 0, p.numel(), off))
+
+    def own_range(self, rec: BucketRecord) -> tuple[int, int] | None:
+        return (0, rec.spec.padded_numel) if rec.spec.owner == self.unit.rank else None
 
     def take_local(self, rec: BucketRecord) -> None:
         if rec.spec.owner != self.unit.rank:
@@ -205,10 +355,8 @@ class BroadcastGrads(GradMode):
                 lp.tensor.grad = None
             elif rec.master_grad is None:
                 lp.tensor.grad = view
-            else:
-                g = rec.master_grad.narrow(0, lp.at, lp.numel).view(spec.shape)
-                g.copy_(view)
-                lp.tensor.grad = g
+            else:  # widened by bind_all
+                lp.tensor.grad = rec.master_grad.narrow(0, lp.at, lp.numel).view(spec.shape)
 
     def write_back(self, rec: BucketRecord) -> None:
         for lp in rec.locals:
@@ -220,85 +368,35 @@ class BroadcastGrads(GradMode):
 class AllGatherGrads(GradMode):
     """Reduce-scatter in place; this rank steps its slice of every bucket."""
 
-    SCRATCH = 1 << 20  # elements of the master_dtype conversion's scratch
-
-    def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
-        md = ctx.master_dtype or torch.float32
-        self._scratch = torch.empty(0, dtype=md, device=ctx.device)
-        super().__init__(unit, ctx)
-        if any(r.master_grad is not None for r in unit.buckets):
-            n = min(self.SCRATCH, max(r.spec.shard_numel for r in unit.buckets))
-            self._scratch = torch.empty(n, dtype=md, device=ctx.device)
-
     def build(self, rec: BucketRecord) -> None:
         u, b = self.unit, rec.spec
         flat = alias(self._grad_buffer(rec))
         # the reduce-scatter's output is this rank's slice of the bucket itself
         shard = flat.narrow(0, rec.lo, b.shard_numel)
         rec.grad_id = u.sched.add_grad_bucket(
-            flat, shard, [], [], -1, f"grad:{u.name}:{b.index}", Collective.REDUCE_SCATTER
+            flat, shard, [], [], -1, f"grad:{u.name}:{b.index}", Collective.REDUCE_SCATTER, **self._replica(shard)
         )
         rec.grad_shard = shard
         self._build_master(rec)
+
+    def own_range(self, rec: BucketRecord) -> tuple[int, int] | None:
+        return (rec.lo, rec.lo + rec.spec.shard_numel)
 
     def _build_master(self, rec: BucketRecord) -> None:
         b, lo = rec.spec, rec.lo
         flat_shard = rec.param_flat.narrow(0, lo, b.shard_numel)
         md = self.ctx.master_dtype
         # Same dtype: the sync buffer's own slice IS the master (the
-        # all-gather leaves it in place); otherwise a master_dtype copy and a
-        # persistent master_dtype gradient beside it.
+        # all-gather leaves it in place); otherwise a master_dtype copy (its
+        # gradient: placed by the gradient store, or ZeRO-2's kept slice).
         if md is None or md == b.dtype:
             rec.master = flat_shard
         else:
             rec.master = flat_shard.detach().to(md).clone()
-            rec.master_grad = self._master_grad_in_bucket(rec, md)
-            if rec.master_grad is None:
-                rec.master_grad = torch.zeros(b.shard_numel, dtype=md, device=self.ctx.device)
         plan = self.unit.plan
         for pc in plan.pieces(b, lo, lo + b.shard_numel):
             piece = nn.Parameter(rec.master.narrow(0, pc.at - lo, pc.numel))  # shares storage
             rec.locals.append(self._local(rec, piece, pc.param, pc.start, pc.numel, pc.at))
-
-    def _master_grad_in_bucket(self, rec: BucketRecord, md: torch.dtype) -> torch.Tensor | None:
-        """[Note: master gradient in the bucket] The master_dtype gradient of
-        this rank's slice, placed in the gradient flat itself: its own slice
-        and the neighbouring one, dead once the reduce-scatter has run.
-        None where it does not fit (one rank; more than twice the width)."""
-        b, flat = rec.spec, rec.grad_flat
-        size = md.itemsize
-        if flat is None or self.unit.transport.world_size < 2 or size > 2 * b.dtype.itemsize:
-            return None
-        own = rec.lo * b.dtype.itemsize  # byte offset of this rank's slice
-        start = own - b.shard_numel * b.dtype.itemsize if rec.lo > 0 else own
-        if start % size:
-            return None
-        return torch.empty(0, dtype=md, device=self.ctx.device).set_(
-            flat.untyped_storage(), start // size, (b.shard_numel,), (1,)
-        )
-
-    def _convert(self, rec: BucketRecord) -> None:
-        """The reduced slice -> its master_dtype gradient, through a small
-        scratch in chunks ordered so that no chunk overwrites a part of the
-        slice not yet read (it starts below the slice, or at it: forward;
-        it starts at the slice and ends past it: backward)."""
-        src, dst = rec.grad_shard, rec.master_grad
-        assert src is not None and dst is not None
-        if dst is src:  # ZeRO-2 keeps its slice in master_dtype already
-            return
-        if dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
-            dst.copy_(src)  # a buffer of its own
-            return
-        n = src.numel()
-        chunk = self._scratch.numel()
-        starts = list(range(0, n, chunk))
-        if dst.data_ptr() >= src.data_ptr():
-            starts.reverse()
-        for a in starts:
-            k = min(chunk, n - a)
-            tmp = self._scratch.narrow(0, 0, k)
-            tmp.copy_(src.narrow(0, a, k))
-            dst.narrow(0, a, k).copy_(tmp)
 
     def take_local(self, rec: BucketRecord) -> None:
         shard = rec.grad_shard
@@ -310,11 +408,8 @@ class AllGatherGrads(GradMode):
                 shard.narrow(0, lp.at - rec.lo, lp.numel).copy_(g.detach().reshape(-1).narrow(0, lp.start, lp.numel))
 
     def bind(self, rec: BucketRecord, has_grad: list[bool]) -> None:
-        shard = rec.grad_shard
+        shard = rec.master_grad if rec.master_grad is not None else rec.grad_shard  # widened by bind_all
         assert shard is not None
-        if rec.master_grad is not None:
-            self._convert(rec)  # into persistent memory: nothing allocated per step
-            shard = rec.master_grad
         for lp in rec.locals:
             lp.tensor.grad = shard.narrow(0, lp.at - rec.lo, lp.numel) if has_grad[lp.param] else None
 
@@ -361,14 +456,16 @@ class ShardedGrads(AllGatherGrads):
         self._slot_of[rec.index] = slot
         staging = alias(slot.buf.narrow(0, 0, b.padded_numel))
         numels = [u.plan.params[i].numel for i in b.params]
+        kept = staging.narrow(0, rec.lo, b.shard_numel)
         rec.grad_id = u.sched.add_grad_bucket(
             staging,
-            staging.narrow(0, rec.lo, b.shard_numel),
+            kept,
             list(b.offsets),
             numels,
             -1,
             f"grad:{u.name}:{b.index}",
             Collective.REDUCE_SCATTER,
+            **self._replica(kept),
         )
         rec.grad_views = [None] * len(b.params)
         md = self.ctx.master_dtype
@@ -377,7 +474,7 @@ class ShardedGrads(AllGatherGrads):
         keep = md if md is not None else b.dtype
         rec.grad_shard = torch.zeros(b.shard_numel, dtype=keep, device=self.ctx.device)
         self._build_master(rec)
-        if rec.master_grad is not None:
+        if md is not None and md != b.dtype:
             rec.master_grad = rec.grad_shard
 
     def land(self, rec: BucketRecord, k: int, p: torch.Tensor) -> None:
@@ -435,7 +532,7 @@ class ShardedGrads(AllGatherGrads):
     def nbytes(self) -> int:
         n = super().nbytes()
         for rec in self.unit.buckets:
-            if rec.grad_shard is not None and rec.grad_shard is not rec.master_grad:
+            if rec.grad_shard is not None:
                 n += rec.grad_shard.numel() * rec.grad_shard.element_size()
         for slots in self._pools.values():
             n += sum(s.buf.numel() * s.buf.element_size() for s in slots)
@@ -479,9 +576,8 @@ class ShardBuffers:
                         p.grad = p.grad.clone()
 
     def bind_grads(self, has_grad: list[list[bool]]) -> None:
-        for ui, (u, m) in enumerate(zip(self.units, self.modes)):
-            for rec in u.buckets:
-                m.bind(rec, has_grad[ui])
+        for ui, m in enumerate(self.modes):
+            m.bind_all(has_grad[ui])
 
     def unbind_grads(self) -> None:
         for u, m in zip(self.units, self.modes):

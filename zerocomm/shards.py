@@ -53,13 +53,16 @@ class ShardedOptimizer(Protocol):
     def chunks(self) -> tuple[torch.nn.Module, ...]: ...
 
     @property
-    def group(self) -> Any: ...  # the data-parallel process group of the dense plan
+    def group(self) -> Any: ...  # the group the dense plan shards over (its shard group)
 
     @property
-    def process_groups(self) -> dict[str, Any]: ...  # per plan (dense, expert)
+    def process_groups(self) -> dict[str, Any]: ...  # per plan (dense, expert): the shard group
 
     @property
-    def world_size(self) -> int: ...
+    def layouts(self) -> dict[str, Any]: ...  # per plan: its layout.DPLayout (shard group, replicas)
+
+    @property
+    def world_size(self) -> int: ...  # the dense plan's shard group size
 
     def synchronize(self) -> None: ...
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ._ext import _C
 from .blocks import BlocksArg
+from .layout import DPLayout, flat_layout
 from .plan import Bucket, Plan, plan_model
 from .transport import SimulatedTransport, Transport
 
@@ -19,18 +20,19 @@ Collective = _C.Collective
 
 
 class PlannedUnit(NamedTuple):
-    """A plan and the group it syncs over, before any transport exists."""
+    """A plan and the layout it syncs over, before any transport exists."""
 
     name: str  # "dense" or "expert"
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup  # the shard group (layout.shard_group)
     plan: Plan
+    layout: DPLayout
 
 
 def plan_units(
     chunks: list[nn.Module],
     *,
     mode: str,
-    group: dist.ProcessGroup,
+    layout: DPLayout,
     expert_group: dist.ProcessGroup | None,
     expert_filter: Callable[[str, nn.Parameter], bool] | None,
     transport: str | SimulatedTransport,
@@ -41,13 +43,16 @@ def plan_units(
 ) -> list[PlannedUnit]:
     """The plans of one attach, built once: the dense plan, and the expert
     plan (its own group) when `expert_filter` picks expert parameters.
-    Collective-free, so attach fingerprints them before any collective."""
-    specs = [("dense", group, None if expert_filter is None else (lambda n, p: not expert_filter(n, p)))]
+    Each plan is over its layout's shard group. The expert plan shards flat
+    over `expert_group` (no replica stage); without one it shares the dense
+    layout ([Note: hierarchical layout]). Collective-free, so attach
+    fingerprints them before any collective."""
+    specs = [("dense", layout, None if expert_filter is None else (lambda n, p: not expert_filter(n, p)))]
     if expert_filter is not None:
-        specs.append(("expert", expert_group if expert_group is not None else group, expert_filter))
+        specs.append(("expert", flat_layout(expert_group) if expert_group is not None else layout, expert_filter))
     out = []
-    for name, grp, pfilter in specs:
-        world = 1 if isinstance(transport, SimulatedTransport) else dist.get_world_size(grp)
+    for name, lay, pfilter in specs:
+        world = 1 if isinstance(transport, SimulatedTransport) else lay.shard_size
         plan = plan_model(  # attach checked the options
             chunks,
             mode=mode,
@@ -58,7 +63,7 @@ def plan_units(
             blocks=blocks,
             param_filter=pfilter,
         )
-        out.append(PlannedUnit(name, grp, plan))
+        out.append(PlannedUnit(name, lay.shard_group, plan, lay))
     return out
 
 
@@ -110,7 +115,8 @@ class SyncUnit:
     transport: Transport
     sched: "_C.SyncScheduler"
     buckets: list[BucketRecord]
-    group: dist.ProcessGroup | None = None  # the user's group it syncs over
+    group: dist.ProcessGroup | None = None  # the group it shards and syncs over (layout.shard_group)
+    layout: DPLayout | None = None  # where the unit's shards live and which ranks replicate them
     order: list[int] = field(default_factory=list)  # bucket launch order
     # per plan param: its view of the flat buffer; a parameter rebound
     # elsewhere is put back on it
@@ -119,6 +125,12 @@ class SyncUnit:
     @property
     def rank(self) -> int:
         return self.transport.rank
+
+    @property
+    def data_parallel_group(self) -> dist.ProcessGroup | None:
+        """Every rank of the unit's layout: the shard group and its replicas
+        (what gradients are averaged over)."""
+        return self.layout.group if self.layout is not None else self.group
 
     @property
     def flats(self) -> list[torch.Tensor]:
@@ -137,11 +149,11 @@ def owned_pieces(b: Bucket, plan: Plan, lo: int, hi: int) -> list[tuple[int, int
     return [(pc.param, pc.start, pc.at) for pc in plan.pieces(b, lo, hi)]
 
 
-def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device) -> SyncUnit:
+def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device, layout: DPLayout) -> SyncUnit:
     """Allocates each bucket's flat buffer, makes the parameters views of it
     (the sync writes them in place: no copy in or out) and registers the
     bucket's sync with the scheduler."""
-    sched = _Scheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000))
+    sched = _Scheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000), transport.replica)
     rank, records = transport.rank, []
     for b in plan.buckets:
         flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
@@ -159,7 +171,17 @@ def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device
         lo = b.shard_range(rank)[0] if b.owner is None else 0
         records.append(BucketRecord(b, label, flat, pid, lo))
     bound = [s.param.detach() for s in plan.params]
-    return SyncUnit(name, plan, transport, sched, records, order=list(range(len(plan.buckets))), bound=bound)
+    return SyncUnit(
+        name,
+        plan,
+        transport,
+        sched,
+        records,
+        group=layout.shard_group,
+        layout=layout,
+        order=list(range(len(plan.buckets))),
+        bound=bound,
+    )
 
 
 class _Scheduler(_C.SyncScheduler):
@@ -175,6 +197,6 @@ class _Scheduler(_C.SyncScheduler):
         self.buffers.append(flat.view(-1))
         return super().add_param_bucket(flat, *args)
 
-    def add_grad_bucket(self, flat: torch.Tensor, shard: torch.Tensor, *args: Any) -> int:
+    def add_grad_bucket(self, flat: torch.Tensor, shard: torch.Tensor, *args: Any, **kwargs: Any) -> int:
         self.buffers += [flat.view(-1), shard.view(-1)]
-        return super().add_grad_bucket(flat, shard, *args)
+        return super().add_grad_bucket(flat, shard, *args, **kwargs)

@@ -47,6 +47,18 @@ def collect(scheds: list[Any]) -> list[Span]:
     return sorted(spans, key=lambda s: s.start)
 
 
+def traffic(scheds: list[Any]) -> dict[str, dict[str, int]]:
+    """Bytes this rank handed to zerocomm's collectives since attach, per
+    communicator tier ("shard": the shard group's, "replica": across the
+    replicas) and collective, summed over the schedulers: counted by the
+    scheduler as each collective is issued (always on)."""
+    out: dict[str, dict[str, int]] = {"shard": {}, "replica": {}}
+    for s in scheds:
+        for tier, op, _calls, nbytes in s.traffic():
+            out[tier][op] = out[tier].get(op, 0) + int(nbytes)
+    return out
+
+
 def summarize(spans: list[Span]) -> dict:
     """Total sync time (param buckets on the comm lane), exposed sync time
     (compute waiting for parameters), and per-bucket / per-block figures."""

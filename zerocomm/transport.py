@@ -60,10 +60,14 @@ class SimulatedTransport:
 @dataclass
 class Transport:
     stream: "_C.Stream"
-    comm: "_C.Communicator"
-    rank: int
-    world_size: int
+    comm: "_C.Communicator"  # the shard group's
+    rank: int  # in the shard group
+    world_size: int  # the shard group's size (L)
     timeout_s: float
+    # hierarchical ZeRO: all-reduces each reduced gradient shard across the
+    # replicas of the shard ([Note: hierarchical layout]); None when flat
+    replica: "_C.Communicator | None" = None
+    replica_size: int = 1  # M: ranks the replica communicator spans (1: none)
 
 
 def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -125,28 +129,42 @@ def open_transport(
     transport: str | SimulatedTransport,
     timeout_s: float,
     high_priority: bool,
+    replicate_group: dist.ProcessGroup | None = None,
 ) -> Transport:
+    """The comm stream and the communicator of `group` (the shard group),
+    and with `replicate_group` the replica communicator beside it."""
     cuda_index = device.index if device.type == "cuda" else -1
     if device.type == "cuda" and cuda_index is None:
         cuda_index = torch.cuda.current_device()
     stream = _C.make_stream(cuda_index, high_priority)
     if isinstance(transport, SimulatedTransport):
         comm = _C.simulated_communicator(transport.latency_us, transport.bandwidth_gbps, transport.modelled_world)
-        return Transport(stream, comm, 0, 1, timeout_s)
+        return Transport(stream, comm, 0, 1, timeout_s, transport.replica_communicator(), 1)
     # transport == "auto" (attach checked it: validate.check_options)
+    if device.type == "cuda" and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        warnings.warn(
+            "CUDA_DEVICE_MAX_CONNECTIONS=1 serialises CUDA streams: zerocomm's parameter "
+            "sync will not overlap the forward pass. Unset it (Megatron-style launchers set it).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    comm = _communicator(group, device, cuda_index, timeout_s, "zerocomm")
+    replica, replica_size = None, 1
+    if replicate_group is not None and dist.get_world_size(replicate_group) > 1:
+        replica = _communicator(replicate_group, device, cuda_index, timeout_s, "zerocomm-replica")
+        replica_size = dist.get_world_size(replicate_group)
+    return Transport(stream, comm, dist.get_rank(group), dist.get_world_size(group), timeout_s, replica, replica_size)
+
+
+def _communicator(
+    group: dist.ProcessGroup, device: torch.device, cuda_index: int, timeout_s: float, tag: str
+) -> "_C.Communicator":
+    """zerocomm's own communicator over the ranks of `group`: NCCL on CUDA,
+    a private gloo backend on CPU."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if device.type == "cuda":
-        if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
-            warnings.warn(
-                "CUDA_DEVICE_MAX_CONNECTIONS=1 serialises CUDA streams: zerocomm's parameter "
-                "sync will not overlap the forward pass. Unset it (Megatron-style launchers set it).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
         if not _C.build_info()["cuda"]:
             raise ValueError("zerocomm was built without CUDA: rebuild it with CUDA_HOME set")
         uid = cast(bytes, _broadcast_from_group_rank0(_C.nccl_unique_id() if rank == 0 else None, group))
-        comm = _C.nccl_communicator(uid, rank, size, cuda_index, int(timeout_s * 1000))
-    else:
-        comm = _C.c10d_communicator(private_gloo(group, "zerocomm", timeout_s).backend, int(timeout_s * 1000))
-    return Transport(stream, comm, rank, size, timeout_s)
+        return _C.nccl_communicator(uid, rank, size, cuda_index, int(timeout_s * 1000))
+    return _C.c10d_communicator(private_gloo(group, tag, timeout_s).backend, int(timeout_s * 1000))

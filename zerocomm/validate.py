@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .blocks import chunk_prefix
+from .layout import LayoutFacts, describe_bad_tiling
 from .plan import Plan, check_plan_options
 
 SYNCABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -245,6 +246,7 @@ def check_plan_consistent(
     *,
     group: dist.ProcessGroup,
     device: torch.device | None = None,
+    layout: LayoutFacts | None = None,
 ) -> None:
     """Exchange each rank's verdict over `group` (the one collective of
     attach) so that ranks fail together instead of some hanging in a later
@@ -253,13 +255,20 @@ def check_plan_consistent(
     fingerprints are compared; on mismatch EVERY rank raises the same error
     (each sees all fingerprints), naming the first differing block or
     parameter and the ranks involved. `device` (the model's) joins the
-    exchange: two ranks of one host on the same CUDA device also fail."""
+    exchange: two ranks of one host on the same CUDA device also fail.
+    `layout` (this rank's groups) joins it too: groups that differ between
+    ranks fail on every rank, naming one that disagrees (layout.describe_bad_tiling)."""
     world = dist.get_world_size(group)
     if world == 1:
         if error is not None:
             raise error
         return
-    verdict = (None if error is None else f"{type(error).__name__}: {error}", mine, device_placement(device))
+    verdict = (
+        None if error is None else f"{type(error).__name__}: {error}",
+        mine,
+        device_placement(device),
+        layout,
+    )
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, verdict, group=group)
     if error is not None:
@@ -269,7 +278,9 @@ def check_plan_consistent(
     if failed:
         who = ", ".join(f"rank {r}: {msg}" for r, msg in failed)
         raise ValueError(f"zerocomm.attach failed on another rank, so no rank proceeds ({who})")
-    msg = describe_mismatch([v[1] for v in everyone], ranks)
+    msg = describe_bad_tiling([v[3] for v in everyone], ranks)
+    if msg is None:
+        msg = describe_mismatch([v[1] for v in everyone], ranks)
     if msg is None:
         msg = describe_shared_devices([v[2] for v in everyone], ranks)
     if msg is not None:

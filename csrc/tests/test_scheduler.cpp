@@ -105,7 +105,7 @@ void test_watchdog_ignores_time_before_the_work_starts() {
   // must not.
   auto comm = wire(0.0);
   CpuStream s;
-  Watchdog dog(comm, Millis(250), Millis(20));
+  Watchdog dog({comm}, Millis(250), Millis(20));
   s.enqueue([] { sleep_ms(600); });  // the wait on the compute stream
   auto begin = s.record();
   s.enqueue([] { sleep_ms(10); });  // the collective
@@ -122,7 +122,7 @@ void test_watchdog_times_out_work_that_started() {
   // the timeout, counted from when it started.
   auto comm = wire(0.0);
   auto s = std::make_shared<CpuStream>();
-  Watchdog dog(comm, Millis(250), Millis(20));
+  Watchdog dog({comm}, Millis(250), Millis(20));
   s->enqueue([] { sleep_ms(300); });
   auto begin = s->record();
   s->enqueue([comm] { comm->hold(30.0, false); });  // ends on abort
@@ -146,7 +146,7 @@ void test_watchdog_without_begin_times_from_the_front() {
   // Entries without a begin event (the warm-up) keep the old rule.
   auto comm = wire(0.0);
   CpuStream s;
-  Watchdog dog(comm, Millis(150), Millis(20));
+  Watchdog dog({comm}, Millis(150), Millis(20));
   s.enqueue([comm] { comm->hold(30.0, false); });
   auto end = s.record();
   dog.track(nullptr, end, "the warm-up");
