@@ -159,3 +159,32 @@ def test_scale_model_hier_only_cli(tmp_path: Path) -> None:
     assert set(rep["grid"]["7B"]) == {str(w) for w in sm.TWO_TIER_WORLDS}
     assert rep["cluster"]["world"] == 32 and "<- recommended" in p.stdout
     assert (tmp_path / "scale_model_hier.png").stat().st_size > 0
+
+
+def test_hier_sim_charges_the_predicted_sync_in_both_layouts(tmp_path: Path) -> None:
+    """benchmarks/hier_sim.py as a user runs it, tiny and at GPU speed: the
+    hierarchical run goes through zerocomm's replica stage (one all-reduce per
+    gradient bucket on the replica tier) and both layouts are charged exactly
+    the scale model's prediction; both train the same model."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    args = ["--dim=32", "--layers=2", "--heads=2", "--seq=16", "--vocab=64", "--batch=2", "--bucket-mb=0.01"]
+    args += ["--warmup=2", "--steps=2", "--rounds=1", "--slowdown=1", "--nodes=2", "--gpus-per-node=4"]
+    p = subprocess.run(
+        [sys.executable, "benchmarks/hier_sim.py", *args, f"--out={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads((tmp_path / "hier_sim.json").read_text())
+    flat, node = rep["runs"]["8"], rep["runs"]["4"]
+    n = len(node["bucket_bytes"])
+    assert n > 1 and set(rep["acceptance"]) == {"hier_within_tolerance", "hier_exposed_below_flat"}
+    assert node["charged_per_step"]["shard"]["collectives"] == 2 * n  # all-gather + reduce-scatter
+    assert node["charged_per_step"]["replica"]["collectives"] == n
+    assert "replica" not in flat["charged_per_step"]
+    for r in (flat, node):
+        assert r["ratio_charged"] == pytest.approx(1.0, rel=1e-9)
+    assert flat["losses"] == node["losses"]  # the simulated tiers only cost time
