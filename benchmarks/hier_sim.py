@@ -194,7 +194,9 @@ def run_layout(args: argparse.Namespace, fields: dict[str, Any]) -> dict[str, An
     # traced: launches of steps warmup-1 .. total-2 (steps-1+1 = steps), their
     # forwards (steps), grads of steps warmup .. total-1 (steps)
     n = args.steps
-    charged = {k: {f: (after[k][f] - before[k][f]) / n for f in ("seconds", "collectives", "wire_bytes")} for k in after}
+    charged = {
+        k: {f: (after[k][f] - before[k][f]) / n for f in ("seconds", "collectives", "wire_bytes")} for k in after
+    }
     return {
         "fields": fields,
         "bucket_bytes": plan_bytes,
@@ -222,7 +224,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
     # the run's buckets (world-1 plan) at full speed: s from the flat param sync
     from zerocomm.plan import build_plan
 
-    bucket_bytes = [b.nbytes for b in build_plan(_model(args), mode="allgather", world_size=1, bucket_mb=args.bucket_mb).buckets]
+    bucket_bytes = [
+        b.nbytes for b in build_plan(_model(args), mode="allgather", world_size=1, bucket_mb=args.bucket_mb).buckets
+    ]
     flat0 = predict(bucket_bytes, c0, world_size, args.latency_model)["param_sync_s"]
     s = args.slowdown or args.flat_sync_over_forward * fwd / flat0
     c = slowed(c0, s)

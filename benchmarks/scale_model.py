@@ -875,7 +875,9 @@ def plot_two_tier(rep: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("GPUs")
         ax.set_ylabel("seconds per step")
-        ax.set_title(f"{m}: allgather mode, flat vs hierarchical (label: recommended L; *: state does not fit)", fontsize=8)
+        ax.set_title(
+            f"{m}: allgather mode, flat vs hierarchical (label: recommended L; *: state does not fit)", fontsize=8
+        )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     t = rep["cluster"]
@@ -883,7 +885,11 @@ def plot_two_tier(rep: dict, path: Path) -> None:
     rows = t["layouts"]
     xs = range(len(rows))
     bottom = [0.0] * len(rows)
-    for key, label in (("param_sync_s", "param all-gather"), ("grad_rs_s", "grad reduce-scatter"), ("grad_ar_s", "grad all-reduce (replicas)")):
+    for key, label in (
+        ("param_sync_s", "param all-gather"),
+        ("grad_rs_s", "grad reduce-scatter"),
+        ("grad_ar_s", "grad all-reduce (replicas)"),
+    ):
         v = [r[key] for r in rows]
         ax.bar(xs, v, bottom=bottom, label=label)
         bottom = [a + b for a, b in zip(bottom, v)]

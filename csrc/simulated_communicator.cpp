@@ -29,14 +29,13 @@ class SimulatedCommunicator final : public Communicator {
         bytes_per_s_(bandwidth_gbps * 1e9),
         world_(world),
         shard_of_(shard_of) {
-    TORCH_CHECK_VALUE(latency_us >= 0 && bandwidth_gbps > 0 && world >= 1 &&
-                          shard_of >= 1,
-                      "simulated transport needs latency_us >= 0, "
-                      "bandwidth_gbps > 0, modelled world >= 1 and "
-                      "shard_of >= 1 (got latency_us=",
-                      latency_us, ", bandwidth_gbps=", bandwidth_gbps,
-                      ", modelled world=", world, ", shard_of=", shard_of,
-                      ")");
+    TORCH_CHECK_VALUE(
+        latency_us >= 0 && bandwidth_gbps > 0 && world >= 1 && shard_of >= 1,
+        "simulated transport needs latency_us >= 0, "
+        "bandwidth_gbps > 0, modelled world >= 1 and "
+        "shard_of >= 1 (got latency_us=",
+        latency_us, ", bandwidth_gbps=", bandwidth_gbps,
+        ", modelled world=", world, ", shard_of=", shard_of, ")");
   }
   int rank() const override { return 0; }
   int size() const override { return 1; }
