@@ -1,6 +1,6 @@
 """Hierarchical ZeRO on the simulated transport, against the scale model (issue 21).
 
-    python benchmarks/hier_sim.py                    # ~4 min, one CPU process
+    python benchmarks/hier_sim.py                    # ~3 min, one CPU process
     python benchmarks/hier_sim.py --nodes 8 --gpus-per-node 4 --layouts flat,4,2
 
 One CPU process stands for one rank of a modelled cluster (--nodes x --gpus-per-node):
