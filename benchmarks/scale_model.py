@@ -49,7 +49,35 @@ Validation: the model with the alpha/beta/gamma measured here must predict the m
 allgather-mode sync of the TinyGPT that benchmarks/overlap.py trains (2 gloo ranks,
 zerocomm ParamSync launch()+synchronize(), median) within 25%.
 
-Writes scale_model.json and scale_model.png to --out (default benchmarks/out/).
+Two-tier network (hierarchical ZeRO, README "Hierarchical ZeRO (multi-node)"):
+
+    python benchmarks/scale_model.py --hier-only --hier-model 7B --gpus-per-node 8 --nodes 16
+
+A cluster of K nodes x G GPUs has an intra-node tier (NVLink: --intra-alpha-us,
+--intra-beta-gbps) and an inter-node tier (one NIC per GPU: --gpu-alpha-us,
+--gpu-beta-gbps); defaults are assumed H100/H200 figures (TWO_TIER_SOURCE), not
+measurements. A ring over n ranks spanning k nodes costs (k-1)*alpha_inter +
+(n-k)*alpha_intra of latency per pass and runs at beta_inter when k > 1 (beta_intra
+otherwise). Layout L (shard-group size; M = W/L replicas, W = G*K): allgather mode,
+buckets planned over the L ranks of a shard group (zerocomm's planner);
+    param sync      all-gather over the shard group (L consecutive ranks)
+    grad sync       per bucket: reduce-scatter over the shard group, then the all-reduce
+                    of its 1/L shard over the M replicas (ring: 2 (M-1)/M of the shard,
+                    2 passes of latency), serial on one comm worker
+exposed = the one-tier pipeline model's (param sync against the forward, grad sync
+against the backward). L = W is flat ZeRO-1; L = 1 is plain data parallelism (a full
+all-reduce, no param sync). Candidates: 1, 2, 4, ..., G, then 2G, 4G, ... W. The
+recommended L is the one with the least exposed time whose model state per GPU
+(params + grads + --opt-state-bytes * P / L) fits --state-budget-gb; within 1% (or
+1 ms) of the least, the larger L (less memory for the same time). Within a node the
+all-gather and reduce-scatter ride NVLink and only each 1/L gradient shard crosses
+nodes, so L = G usually wins; L > G only when the state does not fit at L = G.
+sim_transports() gives the zerocomm.transport.SimulatedTransport that charges one
+process what this model charges a rank (benchmarks/hier_sim.py measures it).
+
+Writes scale_model.json and scale_model.png to --out (default benchmarks/out/), and
+scale_model_hier.json and scale_model_hier.png (the two-tier model; --hier-only:
+only these).
 """
 
 from __future__ import annotations
@@ -61,6 +89,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +113,15 @@ MODELS = {
     "13B": ("llama", 5120, 40, 13824, 32000, 5120, False, 4096),
     "70B": ("llama", 8192, 80, 28672, 32000, 1024, False, 4096),
 }
+# The two-tier table (README "Hierarchical ZeRO (multi-node)"): these models on these worlds.
+TWO_TIER_MODELS = ["7B", "70B"]
+TWO_TIER_WORLDS = [64, 128, 256, 512, 1024]
+TWO_TIER_SOURCE = (
+    "assumed figures, not measurements: intra-node = NVLink 4 of H100/H200 SXM (NVIDIA datasheets: 900 GB/s "
+    "per GPU both ways, 450 GB/s each way; 80% of it achieved -> 360 GB/s), 2 us per ring step; inter-node = "
+    "one 400 Gb/s InfiniBand NIC per GPU (ConnectX-7 NDR as in DGX H100/H200: 50 GB/s; 80% -> 40 GB/s), "
+    "10 us per ring step (--gpu-alpha-us/--gpu-beta-gbps, the one-tier GPU profile)"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,6 +152,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grad-bytes", type=int, default=2, help="bytes per reduced gradient element")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="bucket cap (MiB) of the GPU profile")
     ap.add_argument("--latency-model", choices=["ring", "log"], default="ring")
+    # the two-tier network (hierarchical ZeRO); the inter-node tier is --gpu-alpha-us/--gpu-beta-gbps
+    ap.add_argument(
+        "--hier-only",
+        action="store_true",
+        help="only the two-tier model (no measurement, a few seconds): scale_model_hier.json/.png",
+    )
+    ap.add_argument("--intra-alpha-us", type=float, default=2.0, help="per-ring-step latency within a node (NVLink)")
+    ap.add_argument("--intra-beta-gbps", type=float, default=360.0, help="per-GPU bandwidth within a node, GB/s")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--nodes", type=int, default=16, help="nodes of the cluster printed in full (--hier-model)")
+    ap.add_argument("--hier-model", choices=list(MODELS), default="7B", help="model of the cluster printed in full")
+    ap.add_argument(
+        "--opt-state-bytes",
+        type=float,
+        default=12.0,
+        help="optimizer state per parameter, sharded over the shard group (fp32 master + Adam m, v: 12)",
+    )
+    ap.add_argument(
+        "--state-budget-gb",
+        type=float,
+        default=60.0,
+        help="model state (params + grads + optimizer state / L) a GPU may hold (80 GB H100 less ~20 GB for "
+        "activations: an assumption); 0: no limit",
+    )
     # the measured CPU configuration (benchmarks/overlap.py defaults)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
@@ -138,16 +200,32 @@ def lat_steps(n: int, model: str) -> float:
     return float(n - 1) if model == "ring" else float(math.ceil(math.log2(n)))
 
 
-def t_allgather(nbytes: float, n: int, alpha: float, beta: float, gamma: float, lat: str) -> float:
+def ag_cost(nbytes: float, n: int, latency_s: float, beta: float, gamma: float) -> float:
+    """All-gather of n ranks whose whole latency (every ring step) is latency_s."""
     if n <= 1:
         return nbytes / gamma
-    return lat_steps(n, lat) * alpha + (n - 1) / n * nbytes / beta + (nbytes / n + nbytes) / gamma
+    return latency_s + (n - 1) / n * nbytes / beta + (nbytes / n + nbytes) / gamma
+
+
+def rs_cost(nbytes: float, n: int, latency_s: float, beta: float, gamma: float) -> float:
+    if n <= 1:
+        return nbytes / gamma
+    return latency_s + (n - 1) / n * nbytes / beta + nbytes / gamma
+
+
+def ar_cost(nbytes: float, n: int, latency_s: float, beta: float) -> float:
+    """Ring all-reduce (reduce-scatter + all-gather: twice the steps and bytes), in place."""
+    if n <= 1:
+        return 0.0
+    return 2 * latency_s + 2 * (n - 1) / n * nbytes / beta
+
+
+def t_allgather(nbytes: float, n: int, alpha: float, beta: float, gamma: float, lat: str) -> float:
+    return ag_cost(nbytes, n, lat_steps(n, lat) * alpha, beta, gamma)
 
 
 def t_reduce_scatter(nbytes: float, n: int, alpha: float, beta: float, gamma: float, lat: str) -> float:
-    if n <= 1:
-        return nbytes / gamma
-    return lat_steps(n, lat) * alpha + (n - 1) / n * nbytes / beta + nbytes / gamma
+    return rs_cost(nbytes, n, lat_steps(n, lat) * alpha, beta, gamma)
 
 
 def t_broadcast(nbytes: float, n: int, alpha: float, beta: float, gamma: float, lat: str) -> float:
@@ -352,6 +430,253 @@ def _with_tied(bucket_blocks: list[list[int]], blocks: list[list[int]]) -> list[
     return out
 
 
+# ----------------------------------------------------------------- two-tier network (hierarchical ZeRO)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Nodes of GPUs: the intra-node tier (NVLink) and the inter-node tier
+    (one NIC per GPU), each alpha (per ring step) and beta (bytes/s a GPU
+    moves); copy_Bps as the one-tier model's gamma."""
+
+    gpus_per_node: int
+    nodes: int
+    alpha_intra_s: float
+    beta_intra_Bps: float
+    alpha_inter_s: float
+    beta_inter_Bps: float
+    copy_Bps: float = math.inf
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+def ring_link(c: Cluster, n: int, per_node: int, lat: str) -> tuple[float, float, str]:
+    """(latency of one pass over a ring of n ranks with per_node of them on each
+    node, the ring's bottleneck bandwidth, its tier). The pass crosses k-1 node
+    boundaries and n-k NVLink hops (k = nodes spanned); --latency-model log:
+    ceil(log2 k) inter + ceil(log2 (n/k)) intra steps."""
+    if n <= 1:
+        return 0.0, c.beta_intra_Bps, "-"
+    k = max(1, n // max(1, per_node))
+    if lat == "ring":
+        latency = (k - 1) * c.alpha_inter_s + (n - k) * c.alpha_intra_s
+    else:
+        latency = lat_steps(k, "log") * c.alpha_inter_s + lat_steps(n // k, "log") * c.alpha_intra_s
+    return (latency, c.beta_inter_Bps, "inter") if k > 1 else (latency, c.beta_intra_Bps, "intra")
+
+
+def layout_links(c: Cluster, L: int, lat: str) -> dict:
+    """The shard group (L consecutive ranks) and the replica group (the M = W/L
+    ranks with the same shard rank, stride L) of layout L: latency, bandwidth,
+    tier of each."""
+    G, M = c.gpus_per_node, c.world // L
+    return {"L": L, "M": M, "shard": ring_link(c, L, min(L, G), lat), "replica": ring_link(c, M, max(1, G // L), lat)}
+
+
+def shard_group_sizes(c: Cluster) -> list[int]:
+    """Candidate L: 1, 2, 4, ... up to a node, then whole nodes doubling up to the world (flat)."""
+    out = [L for L in (2**k for k in range(0, 31)) if L <= c.gpus_per_node and c.gpus_per_node % L == 0]
+    L = c.gpus_per_node * 2
+    while L < c.world:
+        if c.world % L == 0:
+            out.append(L)
+        L *= 2
+    if c.world not in out:
+        out.append(c.world)
+    return out
+
+
+def layout_costs(
+    param_bytes: list[float], grad_bytes: list[float], c: Cluster, L: int, lat: str
+) -> tuple[list[float], list[float], list[float]]:
+    """Per bucket: the param all-gather and the grad reduce-scatter over the shard
+    group, the all-reduce of the grad's 1/L shard over the replicas."""
+    links = layout_links(c, L, lat)
+    (s_lat, s_beta, _), (r_lat, r_beta, _) = links["shard"], links["replica"]
+    ag_t = [ag_cost(x, L, s_lat, s_beta, c.copy_Bps) for x in param_bytes]
+    rs_t = [rs_cost(x, L, s_lat, s_beta, c.copy_Bps) for x in grad_bytes]
+    ar_t = [ar_cost(x / L, links["M"], r_lat, r_beta) for x in grad_bytes]
+    return ag_t, rs_t, ar_t
+
+
+def predict_layout(name: str, c: Cluster, L: int, prof: dict) -> dict:
+    """Allgather mode on layout L: the param all-gather over the shard group; each
+    grad bucket reduce-scattered over the shard group, then its 1/L shard
+    all-reduced over the M replicas, both on one comm worker (serial per
+    bucket, overlapping the backward as grad_exposed models). Exposure from the
+    one-tier pipeline model (pipeline_exposed, grad_exposed), buckets from
+    zerocomm's planner over the L ranks of the shard group."""
+    if c.world % L:
+        raise ValueError(f"shard-group size {L} does not divide the world {c.world}")
+    blocks, _mm, _d = model_tensors(name)
+    b, gb, lat = prof["param_bytes"], prof["grad_bytes"], prof["latency_model"]
+    fwd = block_forward_times(name, prof["flops"], prof["tokens_per_rank"])
+    bwd = [2 * f for f in fwd]
+    links = layout_links(c, L, lat)
+    M, s_tier, r_tier = links["M"], links["shard"][2], links["replica"][2]
+    ag = allgather_buckets([[t * b for t in blk] for blk in blocks], prof["bucket_mb"] * MB, L)
+    blk = _with_tied([ks for _, ks in ag], blocks)
+    ag_t, rs_t, ar_t = layout_costs([x for x, _ in ag], [x / b * gb for x, _ in ag], c, L, lat)
+    grad_t = [r + a for r, a in zip(rs_t, ar_t)]
+    param_exposed = pipeline_exposed(ag_t, blk, fwd)
+    grad_exposed_s = grad_exposed(grad_t, blk, bwd)
+    P = sum(sum(t) for t in blocks)
+    ring_l = (L - 1) / L if L > 1 else 0.0
+    ring_m = (M - 1) / M if M > 1 else 0.0
+    wire = {
+        "param": ring_l * sum(x for x, _ in ag),
+        "grad_shard": ring_l * sum(x / b * gb for x, _ in ag),
+        "grad_replica": 2 * ring_m * sum(x / b * gb / L for x, _ in ag),
+    }
+    inter = (wire["param"] + wire["grad_shard"]) * (s_tier == "inter") + wire["grad_replica"] * (r_tier == "inter")
+    state = P * (b + gb) + P * prof["opt_state_bytes"] / L
+    budget = prof["state_budget_gb"] * 1e9
+    return {
+        "L": L,
+        "M": M,
+        "shard_tier": s_tier,
+        "replica_tier": r_tier,
+        "launches": len(ag),
+        "param_sync_s": sum(ag_t),
+        "grad_rs_s": sum(rs_t),
+        "grad_ar_s": sum(ar_t),
+        "grad_sync_s": sum(grad_t),
+        "sync_s": sum(ag_t) + sum(grad_t),
+        "param_exposed_s": param_exposed,
+        "grad_exposed_s": grad_exposed_s,
+        "exposed_s": param_exposed + grad_exposed_s,
+        "forward_s": sum(fwd),
+        "backward_s": sum(bwd),
+        "wire_bytes_per_gpu": wire,
+        "inter_node_bytes_per_gpu": inter,
+        "model_state_gb_per_gpu": state / 1e9,
+        "fits": budget <= 0 or state <= budget,
+    }
+
+
+def recommend(rows: list[dict]) -> dict:
+    """The shard-group size with the least exposed time among those whose model
+    state fits the budget (all of them when none fits); within 1% (or 1 ms) of
+    the least, the larger L: less optimizer state per GPU for the same time."""
+    fit = [r for r in rows if r["fits"]] or rows
+    best = min(r["exposed_s"] for r in fit)
+    near = [r for r in fit if r["exposed_s"] <= best * 1.01 + 1e-3]
+    pick = max(near, key=lambda r: r["L"])
+    return {"L": pick["L"], "fits": pick["fits"], "any_fits": any(r["fits"] for r in rows)}
+
+
+def two_tier_cluster(args: argparse.Namespace, gpus_per_node: int, nodes: int) -> Cluster:
+    return Cluster(
+        gpus_per_node,
+        nodes,
+        args.intra_alpha_us * 1e-6,
+        args.intra_beta_gbps * 1e9,
+        args.gpu_alpha_us * 1e-6,
+        args.gpu_beta_gbps * 1e9,
+        args.gpu_copy_gbps * 1e9,
+    )
+
+
+def two_tier_profile(args: argparse.Namespace) -> dict:
+    return {
+        "flops": args.flops,
+        "tokens_per_rank": args.tokens_per_rank,
+        "param_bytes": args.param_bytes,
+        "grad_bytes": args.grad_bytes,
+        "bucket_mb": args.bucket_mb,
+        "latency_model": args.latency_model,
+        "opt_state_bytes": args.opt_state_bytes,
+        "state_budget_gb": args.state_budget_gb,
+    }
+
+
+def two_tier_table(name: str, c: Cluster, prof: dict) -> dict:
+    """Every candidate shard-group size of one model on one cluster, flat (L = W)
+    included, and the recommendation."""
+    rows = [predict_layout(name, c, L, prof) for L in shard_group_sizes(c)]
+    rec = recommend(rows)
+    by_l = {r["L"]: r for r in rows}
+    node = by_l[c.gpus_per_node] if c.gpus_per_node in by_l else rows[-1]
+    return {
+        "model": name,
+        "gpus_per_node": c.gpus_per_node,
+        "nodes": c.nodes,
+        "world": c.world,
+        "layouts": rows,
+        "flat": by_l[c.world],
+        "node_sharded": node,
+        "recommended": rec,
+    }
+
+
+def sim_transports(c: Cluster, L: int, lat: str = "ring") -> dict:
+    """zerocomm.transport.SimulatedTransport fields under which one simulated
+    process is charged what this model charges a rank of layout L on cluster c
+    (its latencies are per collective: the ring's whole latency; the replica
+    tier only all-reduces, twice a ring pass)."""
+    links = layout_links(c, L, lat)
+    (s_lat, s_beta, _), (r_lat, r_beta, _) = links["shard"], links["replica"]
+    return {
+        "latency_us": s_lat * 1e6,
+        "bandwidth_gbps": s_beta / 1e9,
+        "modelled_world": L,
+        "replicas": links["M"],
+        "inter_latency_us": 2 * r_lat * 1e6,
+        "inter_bandwidth_gbps": r_beta / 1e9,
+    }
+
+
+def print_two_tier(t: dict) -> None:
+    print(
+        f"{t['model']} on {t['nodes']} nodes x {t['gpus_per_node']} GPUs ({t['world']}): allgather mode, "
+        "per step (ms); L = shard-group size, M = replicas"
+    )
+    print(
+        f"  {'L':>5s} {'M':>5s} {'shard':>5s} {'param':>8s} {'grad rs':>8s} {'grad ar':>8s} {'sync':>8s}"
+        f" {'exposed':>8s} {'inter GB/GPU':>12s} {'state GB/GPU':>12s}"
+    )
+    for r in t["layouts"]:
+        mark = " <- recommended" if r["L"] == t["recommended"]["L"] else (" (flat)" if r["L"] == t["world"] else "")
+        print(
+            f"  {r['L']:5d} {r['M']:5d} {r['shard_tier']:>5s} {r['param_sync_s'] * 1e3:8.1f}"
+            f" {r['grad_rs_s'] * 1e3:8.1f} {r['grad_ar_s'] * 1e3:8.1f} {r['sync_s'] * 1e3:8.1f}"
+            f" {r['exposed_s'] * 1e3:8.1f} {r['inter_node_bytes_per_gpu'] / 1e9:12.2f}"
+            f" {r['model_state_gb_per_gpu']:11.1f}{'' if r['fits'] else '!'}{mark}"
+        )
+    if not t["recommended"]["any_fits"]:
+        print("  ! no layout fits --state-budget-gb: data parallelism alone cannot hold this model (add TP/PP)")
+    fl = t["flat"]
+    rec = next(r for r in t["layouts"] if r["L"] == t["recommended"]["L"])
+    print(
+        f"  forward {fl['forward_s'] * 1e3:.0f} ms, backward {fl['backward_s'] * 1e3:.0f} ms; exposed: flat "
+        f"{fl['exposed_s'] * 1e3:.1f} ms, L={rec['L']} {rec['exposed_s'] * 1e3:.1f} ms"
+    )
+
+
+def two_tier_report(args: argparse.Namespace) -> dict:
+    prof = two_tier_profile(args)
+    G = args.gpus_per_node
+    grid = {
+        m: {str(w): two_tier_table(m, two_tier_cluster(args, G, w // G), prof) for w in TWO_TIER_WORLDS}
+        for m in TWO_TIER_MODELS
+    }
+    c = two_tier_cluster(args, G, args.nodes)
+    return {
+        "network": {
+            "intra": {"alpha_s": c.alpha_intra_s, "beta_Bps": c.beta_intra_Bps},
+            "inter": {"alpha_s": c.alpha_inter_s, "beta_Bps": c.beta_inter_Bps},
+            "copy_Bps": c.copy_Bps,
+            "gpus_per_node": G,
+            "source": TWO_TIER_SOURCE,
+        },
+        "profile": prof,
+        "grid": grid,
+        "cluster": two_tier_table(args.hier_model, c, prof),
+    }
+
+
 # ----------------------------------------------------------------- measurement (2 gloo ranks)
 
 
@@ -516,6 +841,74 @@ def run_measurements(args: argparse.Namespace, world: int = 2) -> list[dict]:
 
 def grid(cal: dict, prof: dict) -> dict:
     return {m: {str(n): predict(m, n, cal, prof) for n in WORLDS} for m in MODELS}
+
+
+def plot_two_tier(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = rep["grid"]
+    fig, axes = plt.subplots(1, len(grid) + 1, figsize=(6 * (len(grid) + 1), 5))
+    for ax, (m, row) in zip(axes, grid.items()):
+        ws = [int(w) for w in row]
+        for key, label, color in (
+            ("flat", "flat ZeRO-1 (L = W)", "#c44e52"),
+            ("node_sharded", "hierarchical, L = GPUs per node", "#4c72b0"),
+        ):
+            ax.plot(ws, [row[str(w)][key]["sync_s"] for w in ws], "-", color=color, label=f"{label}: sync")
+            ax.plot(ws, [row[str(w)][key]["exposed_s"] for w in ws], "--", marker="x", color=color, label="  exposed")
+        ax.plot(ws, [row[str(w)]["flat"]["forward_s"] for w in ws], ":", color="black", label="forward")
+        ax.plot(ws, [row[str(w)]["flat"]["backward_s"] for w in ws], "-.", color="gray", label="backward")
+        for w in ws:
+            t = row[str(w)]
+            ax.annotate(
+                f"L={t['recommended']['L']}" + ("" if t["recommended"]["fits"] else "*"),
+                (w, t["node_sharded"]["sync_s"]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                fontsize=7,
+                ha="center",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("seconds per step")
+        ax.set_title(
+            f"{m}: allgather mode, flat vs hierarchical (label: recommended L; *: state does not fit)", fontsize=8
+        )
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    t = rep["cluster"]
+    ax = axes[-1]
+    rows = t["layouts"]
+    xs = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for key, label in (
+        ("param_sync_s", "param all-gather"),
+        ("grad_rs_s", "grad reduce-scatter"),
+        ("grad_ar_s", "grad all-reduce (replicas)"),
+    ):
+        v = [r[key] for r in rows]
+        ax.bar(xs, v, bottom=bottom, label=label)
+        bottom = [a + b for a, b in zip(bottom, v)]
+    ax.plot(xs, [r["exposed_s"] for r in rows], "ko-", label="exposed")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"L={r['L']}" + ("" if r["fits"] else "*") for r in rows], fontsize=7, rotation=45)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per step")
+    ax.set_title(
+        f"{t['model']} on {t['nodes']} x {t['gpus_per_node']} GPUs: each shard-group size "
+        f"(recommended L={t['recommended']['L']}; *: state does not fit)",
+        fontsize=8,
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("zerocomm two-tier scale model: " + rep["network"]["source"][:120] + "...", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(rep: dict, path: Path) -> None:
@@ -690,11 +1083,41 @@ def plot(rep: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_two_tier(args: argparse.Namespace, out: Path) -> dict:
+    """The two-tier model's report: printed, scale_model_hier.json and .png."""
+    t0 = time.time()
+    rep = {"benchmark": "scale_model_hier", "machine": machine_info(), "formulas": __doc__}
+    rep.update(two_tier_report(args))
+    print_two_tier(rep["cluster"])
+    print(
+        "two-tier grid (allgather mode; exposed ms per step: flat / L=GPUs per node / recommended L; "
+        + rep["network"]["source"]
+        + "):"
+    )
+    for m, row in rep["grid"].items():
+        cells = []
+        for w, t in row.items():
+            rec = next(r for r in t["layouts"] if r["L"] == t["recommended"]["L"])
+            cells.append(
+                f"{w}: {t['flat']['exposed_s'] * 1e3:.0f} / {t['node_sharded']['exposed_s'] * 1e3:.0f}"
+                f" / L={rec['L']} {rec['exposed_s'] * 1e3:.0f}"
+            )
+        print(f"  {m:4s} " + "; ".join(cells))
+    rep["run_time_s"] = time.time() - t0
+    (out / "scale_model_hier.json").write_text(json.dumps(rep, indent=1))
+    plot_two_tier(rep, out / "scale_model_hier.png")
+    print(f"wrote {out / 'scale_model_hier.json'}, {out / 'scale_model_hier.png'}")
+    return rep
+
+
 def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.hier_only:
+        write_two_tier(args, out)
+        return
     world = 2
     gathered = [{}]
     if not (args.calibration and args.no_validate):
@@ -868,6 +1291,8 @@ def main(argv: list[str] | None = None) -> None:
                 f" ms (exp {c['broadcast']['exposed_s'] * 1e3:.0f}/{c['allgather']['exposed_s'] * 1e3:.0f})"
             )
         print(f"  {m:5s} fwd {g['8']['forward_s'] * 1e3:6.0f} ms  " + "; ".join(cells))
+    hier = write_two_tier(args, out)
+    rep["two_tier"] = {"json": "scale_model_hier.json", "cluster": hier["cluster"]["recommended"]}
     rep["run_time_s"] = {"measurements": t_meas, "total": time.time() - t_start}
     (out / "scale_model.json").write_text(json.dumps(rep, indent=1))
     plot(rep, out / "scale_model.png")

@@ -138,7 +138,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("timeout_ms"));
   m.def("simulated_communicator", &make_simulated_communicator,
         py::arg("latency_us"), py::arg("bandwidth_gbps"),
-        py::arg("modelled_world"));
+        py::arg("modelled_world"), py::arg("shard_of") = 1);
+  m.def(
+      "simulated_charges",
+      [](const std::shared_ptr<Communicator>& comm) {
+        const SimulatedCharges c = simulated_charges(comm);
+        py::dict d;
+        d["collectives"] = c.collectives;
+        d["seconds"] = c.seconds;
+        d["wire_bytes"] = c.wire_bytes;
+        return d;
+      },
+      py::arg("comm"));
 #ifdef ZEROCOMM_WITH_CUDA
   m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); });
   m.def("nccl_communicator", &make_nccl_communicator, py::arg("unique_id"),

@@ -108,10 +108,21 @@ constexpr int kGlooBroadcastGatherMax = 4;
 
 // Does the data movement of a world-size-1 group, then occupies the stream
 // for the modelled time: latency + bytes_on_wire / bandwidth, where
-// bytes_on_wire follows a ring of `modelled_world` ranks.
+// bytes_on_wire follows a ring of `modelled_world` ranks and each tensor
+// stands for 1/shard_of of its bytes ([Note: simulated cost]).
 std::shared_ptr<Communicator> make_simulated_communicator(double latency_us,
                                                           double bandwidth_gbps,
-                                                          int modelled_world);
+                                                          int modelled_world,
+                                                          int shard_of = 1);
+// What a simulated communicator charged so far: collectives, modelled
+// seconds the comm stream was occupied, bytes a modelled rank sent.
+struct SimulatedCharges {
+  int64_t collectives;
+  double seconds;
+  double wire_bytes;
+};
+// ValueError when `comm` is not a simulated communicator.
+SimulatedCharges simulated_charges(const std::shared_ptr<Communicator>& comm);
 
 #ifdef ZEROCOMM_WITH_CUDA
 std::string nccl_unique_id();

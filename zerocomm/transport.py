@@ -28,17 +28,33 @@ DEFAULT_TIMEOUT_S = 600.0
 class SimulatedTransport:
     """A world-size-1 transport that occupies the comm stream for a modelled
     time: latency + bytes / bandwidth of a ring of `modelled_world` ranks.
-    For benchmarks on one GPU or one CPU core; never the default."""
+    For benchmarks on one GPU or one CPU core; never the default.
+
+    Two tiers (hierarchical ZeRO): `latency_us`/`bandwidth_gbps` are the
+    shard group's tier (intra-node, modelled_world = L ranks); with
+    `replicas` = M > 1 every gradient shard is also all-reduced across M
+    modelled replicas on the inter-node tier (`inter_latency_us`,
+    `inter_bandwidth_gbps`; by default the same as the first tier). Latencies
+    are per collective, not per ring step ([Note: simulated cost] in
+    csrc/simulated_communicator.cpp); benchmarks/scale_model.py
+    (`sim_transports`) derives both tiers from its model of a cluster."""
 
     latency_us: float = 50.0
     bandwidth_gbps: float = 10.0
     modelled_world: int = 8
-    # Two tiers (hierarchical ZeRO): `replicas` modelled replicas of each
-    # shard, joined by the inter-node tier; the fields above are the
-    # intra-node tier (modelled_world = the shard group's size L).
     replicas: int = 1
     inter_latency_us: float = 50.0
     inter_bandwidth_gbps: float = 10.0
+
+    def replica_communicator(self) -> "_C.Communicator | None":
+        """The inter-node tier's communicator (None when flat: replicas == 1).
+        Its tensor is this process's whole gradient bucket, where a rank of the
+        modelled cluster all-reduces its 1/L shard: shard_of = modelled_world."""
+        if self.replicas == 1:
+            return None  # (0 or less: the native core's ValueError)
+        return _C.simulated_communicator(
+            self.inter_latency_us, self.inter_bandwidth_gbps, self.replicas, shard_of=self.modelled_world
+        )
 
 
 @dataclass
@@ -123,12 +139,7 @@ def open_transport(
     stream = _C.make_stream(cuda_index, high_priority)
     if isinstance(transport, SimulatedTransport):
         comm = _C.simulated_communicator(transport.latency_us, transport.bandwidth_gbps, transport.modelled_world)
-        replica = None
-        if transport.replicas > 1:
-            replica = _C.simulated_communicator(
-                transport.inter_latency_us, transport.inter_bandwidth_gbps, transport.replicas
-            )
-        return Transport(stream, comm, 0, 1, timeout_s, replica, 1)
+        return Transport(stream, comm, 0, 1, timeout_s, transport.replica_communicator(), 1)
     # transport == "auto" (attach checked it: validate.check_options)
     if device.type == "cuda" and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
         warnings.warn(
