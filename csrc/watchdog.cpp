@@ -14,7 +14,9 @@ Watchdog::Watchdog(std::shared_ptr<Communicator> comm, Millis timeout,
       poll_(poll),
       thread_([this] { run(); }) {}
 
-Watchdog::~Watchdog() {
+Watchdog::~Watchdog() { stop(); }
+
+void Watchdog::stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
