@@ -43,6 +43,32 @@ py::dict build_info() {
   return d;
 }
 
+// [Note: native teardown without the GIL] A gloo thread that finishes a
+// work drops its references to the work's tensors, and a tensor that has a
+// Python object takes the GIL to release it (torch ties the Python object's
+// life to the tensor's references). So whatever joins gloo's threads (the
+// private backend's destructor), or waits for the comm worker that waits
+// for gloo, must not hold the GIL: it would wait for a thread that waits
+// for it -- a hang. And it must happen before interpreter exit: a thread
+// that asks for the GIL then is ended by Python inside a noexcept
+// destructor -- "terminate called without an active exception". Hence
+// SyncScheduler.close() (called by the handle's close(), and at exit for
+// handles left open) runs without the GIL, at a point close() decides,
+// whatever Python references to the scheduler remain (a traceback's frames,
+// a user's variable); and a scheduler that is only ever garbage-collected
+// is destroyed without the GIL too, as torch destroys its process groups.
+template <class T>
+std::shared_ptr<T> deleted_without_gil(T* p) {
+  return std::shared_ptr<T>(p, [](T* q) {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release nogil;
+      delete q;
+    } else {
+      delete q;
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -160,8 +186,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using S = SyncScheduler;
   auto nogil = py::call_guard<py::gil_scoped_release>();
   py::class_<S, std::shared_ptr<S>>(m, "SyncScheduler")
-      .def(py::init<std::shared_ptr<Stream>, std::shared_ptr<Communicator>,
-                    int64_t, std::shared_ptr<Communicator>>(),
+      .def(py::init([](std::shared_ptr<Stream> stream,
+                       std::shared_ptr<Communicator> comm, int64_t timeout_ms,
+                       std::shared_ptr<Communicator> replica) {
+             return deleted_without_gil(new S(std::move(stream), std::move(comm),
+                                              timeout_ms, std::move(replica)));
+           }),
            py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"),
            py::arg("replica") = nullptr, nogil)
       .def("add_param_bucket", &S::add_param_bucket, py::arg("flat"),
@@ -192,6 +222,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("host_synchronize", &S::host_synchronize, nogil)
       .def("check", &S::check, nogil)
       .def("abort", &S::abort, nogil)
+      .def("close", &S::close, nogil)
       .def_property_readonly("aborted", &S::aborted)
       .def("set_tracing", &S::set_tracing, nogil)
       .def("trace_begin", &S::trace_begin, nogil)

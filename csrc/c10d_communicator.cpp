@@ -1,6 +1,7 @@
 // The c10d communicator: any c10d backend (gloo) through torch's C++ API.
 #include <chrono>
 #include <map>
+#include <mutex>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include "communicator.h"
@@ -15,11 +16,15 @@ class C10dCommunicator final : public Communicator {
   C10dCommunicator(c10::intrusive_ptr<c10d::Backend> pg, int64_t timeout_ms)
       : pg_(std::move(pg)),
         timeout_(timeout_ms),
-        gloo_(pg_->getBackendName() == "gloo") {}
+        rank_(pg_->getRank()),
+        size_(pg_->getSize()),
+        name_(pg_->getBackendName()),
+        gloo_(name_ == "gloo") {}
 
-  int rank() const override { return pg_->getRank(); }
-  int size() const override { return pg_->getSize(); }
-  std::string name() const override { return pg_->getBackendName(); }
+  // Cached: still answered after close() freed the backend.
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string name() const override { return name_; }
 
   void broadcast(at::Tensor& t, int root) override {
     throw_if_aborted("broadcast");
@@ -81,7 +86,18 @@ class C10dCommunicator final : public Communicator {
 
  protected:
   void abort_transport() override {
-    pg_->abort();  // a no-op for gloo today; the flag ends our own waits
+    std::lock_guard<std::mutex> lock(pg_mu_);
+    if (pg_) pg_->abort();  // a no-op for gloo today; the flag ends our waits
+  }
+  // The last reference to the backend, normally: ProcessGroupGloo's
+  // destructor waits for its queued work and joins its threads, here.
+  void release_transport() override {
+    c10::intrusive_ptr<c10d::Backend> pg;
+    {
+      std::lock_guard<std::mutex> lock(pg_mu_);
+      pg = std::move(pg_);
+    }
+    scratch_.clear();
   }
 
  private:
@@ -156,9 +172,14 @@ class C10dCommunicator final : public Communicator {
     if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, like.options());
     return buf.narrow(0, 0, n);
   }
+  // Collectives read pg_ unlocked: only the comm worker issues them, and it
+  // has stopped before close(). The lock orders abort() against close().
   c10::intrusive_ptr<c10d::Backend> pg_;
+  std::mutex pg_mu_;
   std::chrono::milliseconds timeout_;
   std::map<at::ScalarType, at::Tensor> scratch_;
+  const int rank_, size_;
+  const std::string name_;
   const bool gloo_;  // picks the reduce-scatter and the all-gather (the Notes)
 };
 

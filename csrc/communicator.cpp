@@ -54,6 +54,9 @@ volatile int* AbortFlag::device_flag() {
 #endif
 
 void Communicator::throw_if_aborted(const char* op) const {
+  TORCH_CHECK(!closed_.load(), "zerocomm: ", op,
+              " on a closed communicator (its zerocomm handle was closed; "
+              "attach again)");
   TORCH_CHECK(!flag_->is_set(), "zerocomm: ", op, " on the ", name(),
               " communicator after it was aborted (a sync failed or timed "
               "out); close() this handle and attach again");
@@ -66,6 +69,10 @@ void Communicator::check_error() {
 
 void Communicator::abort() {
   if (flag_->set()) abort_transport();
+}
+
+void Communicator::close() {
+  if (!closed_.exchange(true)) release_transport();
 }
 
 void Communicator::hold(double seconds, bool cuda) {

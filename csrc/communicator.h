@@ -84,6 +84,11 @@ class Communicator {
   // idempotent.
   void abort();
   bool aborted() const { return flag_->is_set(); }
+  // Frees the transport now, on the calling thread (gloo: the backend and
+  // its threads: [Note: native teardown without the GIL]); every later call
+  // throws. Only once nothing issues collectives on it any more (its comm
+  // stream closed). Idempotent.
+  void close();
   // Occupies the comm stream for `seconds` (debug delays, the simulated
   // wire); ends early, with an "aborted" error, on abort(). CUDA: a spin
   // kernel on the current stream; CPU: a sleep on this thread.
@@ -92,9 +97,13 @@ class Communicator {
  protected:
   virtual void check_async_error() {}
   virtual void abort_transport() {}
+  virtual void release_transport() {}
   void throw_if_aborted(const char* op) const;
   // Shared: a c10d work's completion callback may outlive the communicator.
   std::shared_ptr<AbortFlag> flag_ = std::make_shared<AbortFlag>();
+
+ private:
+  std::atomic<bool> closed_{false};
 };
 
 // gloo (or any c10d backend) through torch's C++ API; `timeout_ms` bounds

@@ -38,14 +38,17 @@ double CpuEvent::elapsed_since(Event& earlier) {
 
 CpuStream::CpuStream() : worker_([this] { run(); }) {}
 
-CpuStream::~CpuStream() {
+CpuStream::~CpuStream() { close(); }
+
+void CpuStream::close() {
+  std::lock_guard<std::mutex> closing(close_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   cv_.notify_all();
-  // Destroyed from its own worker (a task dropped the last reference): a
-  // join would throw and terminate the process; the worker ends right after.
+  // Closed from its own worker (a task dropped the last reference): a join
+  // would throw and terminate the process; the worker ends right after.
   if (worker_.get_id() == std::this_thread::get_id())
     worker_.detach();
   else if (worker_.joinable())
@@ -55,6 +58,8 @@ CpuStream::~CpuStream() {
 void CpuStream::push(Task task) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // Nothing would ever run it: an event recorded now would never complete.
+    TORCH_CHECK(!stop_, "zerocomm: this comm stream is closed");
     queue_.push_back(std::move(task));
   }
   cv_.notify_all();

@@ -62,25 +62,46 @@ SyncScheduler::SyncScheduler(std::shared_ptr<Stream> stream,
 }
 
 SyncScheduler::~SyncScheduler() {
-  // The watchdog first: from here on only this thread touches the comm.
-  watchdog_.reset();
-  // Outstanding collectives finish (or time out) before buffers go away.
-  bool drained = !last_;
   try {
-    if (last_ && !aborted_ && !comm_->aborted()) {
-      last_->synchronize(timeout_, "close");
+    close();
+  } catch (...) {
+    // Nothing to report to: the buffers stay with the stream (see close).
+  }
+}
+
+void SyncScheduler::close() {
+  std::lock_guard<std::mutex> closing(close_mu_);
+  if (closed_) return;
+  // The watchdog first: from here on only this thread touches the comm.
+  watchdog_->stop();
+  // Outstanding collectives finish (or time out) before buffers go away.
+  std::shared_ptr<Event> last;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    last = last_;
+  }
+  bool drained = !last;
+  try {
+    if (last && !aborted_ && !comm_->aborted()) {
+      last->synchronize(timeout_, "close");
       drained = true;
     }
   } catch (...) {
-    abort_comms();
   }
+  if (!drained) {
+    aborted_ = true;
+    abort_comms();  // the worker's collective returns now
+  }
+  // Entry points refuse from here on (check_open).
+  closed_ = true;
   // [Note: teardown after abort] Not drained (aborted, or the wait above
   // failed): the comm stream may still run queued work that touches the
   // buckets -- after an abort the collectives end at once, but the copy
   // kernels queued behind them still run. The buffers must outlive it, so
   // each is handed to the stream: CUDA: record_stream, the caching allocator
   // reuses the memory only after the comm stream has passed this point; CPU:
-  // the queued tasks hold the buckets, and the stream drains before it goes.
+  // the queued tasks hold the buckets, and the stream drains (close) before
+  // they are dropped.
   if (!drained) {
     auto keep = [this](const at::Tensor& t) {
       if (t.defined()) stream_->keep_alive(t);
@@ -96,9 +117,30 @@ SyncScheduler::~SyncScheduler() {
       keep(b->replica);
     }
   }
+  stream_->close();  // CPU: runs (or skips, poisoned) the queue, joins
+  comm_->close();    // gloo: the private backend's threads are joined here
+  if (replica_) replica_->close();
+  std::vector<std::shared_ptr<ParamBucket>> params;
+  std::vector<std::shared_ptr<GradBucket>> grads;
+  std::vector<Span> spans;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    params.swap(params_);
+    grads.swap(grads_);
+    spans.swap(spans_);
+    last_.reset();
+    origin_.reset();
+  }
+  // The buffers are dropped here, outside the lock: a tensor that still
+  // has a Python object takes the GIL to release it.
+}
+
+void SyncScheduler::check_open() const {
+  TORCH_CHECK(!closed_, "zerocomm: this zerocomm handle is closed");
 }
 
 void SyncScheduler::check_usable() {
+  check_open();
   // [Note: no CUDA graph capture] The hooks' waits use events recorded
   // outside the capture, and the fused copy's device tables are host data of
   // the launch that made them: a replay would neither wait for the sync nor
@@ -176,6 +218,7 @@ int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
   b->root = root;
   b->label = std::move(label);
   std::lock_guard<std::mutex> lock(mu_);
+  check_open();
   params_.push_back(std::move(b));
   return static_cast<int64_t>(params_.size()) - 1;
 }
@@ -215,6 +258,7 @@ int64_t SyncScheduler::add_grad_bucket(at::Tensor flat, at::Tensor shard,
   b->root = root;
   b->label = std::move(label);
   std::lock_guard<std::mutex> lock(mu_);
+  check_open();
   grads_.push_back(std::move(b));
   return static_cast<int64_t>(grads_.size()) - 1;
 }
@@ -302,6 +346,7 @@ void SyncScheduler::wait_param(int64_t i) {
   std::shared_ptr<ParamBucket> b;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    check_open();
     TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(params_.size()),
                       "no parameter bucket ", i);
     b = params_[i];
@@ -365,6 +410,7 @@ void SyncScheduler::wait_grad(int64_t i) {
   std::shared_ptr<GradBucket> b;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    check_open();
     TORCH_CHECK_INDEX(i >= 0 && i < static_cast<int64_t>(grads_.size()),
                       "no gradient bucket ", i);
     b = grads_[i];

@@ -117,6 +117,12 @@ class SyncScheduler {
   void check();
   // Abort the transport (after an error); later waits fail fast.
   void abort();
+  // Tear down now, on the calling thread: stop the watchdog, wait for (or,
+  // after an error, abort) the outstanding syncs, join the comm worker, free
+  // the communicator's transport and drop the buffers. Every later call
+  // raises "closed". Idempotent; the destructor calls it. The bindings run
+  // it without the GIL ([Note: native teardown without the GIL]).
+  void close();
   bool aborted() const { return aborted_.load(); }
 
   void set_tracing(bool on);
@@ -142,9 +148,11 @@ class SyncScheduler {
   };
   void wait_event(std::shared_ptr<Event> ev, const std::string& what,
                   const std::string& trace_label);
-  // Raises the watchdog's error, "aborted", or the transport's error (and
-  // then marks this scheduler aborted): every entry point calls it first.
+  // Raises "closed", the watchdog's error, "aborted", or the transport's
+  // error (and then marks this scheduler aborted): every entry point calls
+  // it first.
   void check_usable();
+  void check_open() const;
   // Rethrows the watchdog's error if it has one (the cause of an abort),
   // else the exception being handled.
   [[noreturn]] void rethrow_cause();
@@ -163,13 +171,15 @@ class SyncScheduler {
   std::mutex mu_;
   bool tracing_ = false;
   std::atomic<bool> aborted_{false};
+  std::atomic<bool> closed_{false};
+  std::mutex close_mu_;  // close() runs once; a second caller waits for it
   double debug_delay_s_ = 0.0;
   std::shared_ptr<Event> origin_;
   std::vector<Span> spans_;
-  // Declared last so it is destroyed first: the CPU worker drains its queue
+  // Closed before the buckets are dropped: the CPU worker drains its queue
   // while the buckets its tasks point to are still alive.
   std::shared_ptr<Stream> stream_;
-  // Stopped first of all, explicitly, in the destructor.
+  // Stopped first of all, in close().
   std::unique_ptr<Watchdog> watchdog_;
 };
 

@@ -65,6 +65,10 @@ class Stream {
   // Whether the caller's compute stream is being captured into a CUDA graph
   // (CPU: never).
   virtual bool capturing() const { return false; }
+  // Stops the stream's own thread, if it has one, once the queued work has
+  // run (CPU: drains and joins the worker; later enqueues throw). Idempotent.
+  // CUDA: nothing to stop.
+  virtual void close() {}
 };
 
 // A CPU completion flag. Completed by the worker, possibly with an error.
@@ -90,7 +94,7 @@ class CpuEvent final : public Event {
 class CpuStream final : public Stream {
  public:
   CpuStream();
-  ~CpuStream() override;  // drains queued work, then joins the worker
+  ~CpuStream() override;  // close()
   CpuStream(const CpuStream&) = delete;
   CpuStream& operator=(const CpuStream&) = delete;
 
@@ -101,6 +105,7 @@ class CpuStream final : public Stream {
   std::shared_ptr<Event> record_current() override;
   void keep_alive(const at::Tensor&) override {}
   bool is_cuda() const override { return false; }
+  void close() override;
 
  private:
   // A task that throws poisons the stream: later tasks are skipped and later
@@ -116,6 +121,7 @@ class CpuStream final : public Stream {
   std::deque<Task> queue_;
   std::exception_ptr error_;
   bool stop_ = false;
+  std::mutex close_mu_;  // close() from two threads: one joins, one waits
   std::thread worker_;
 };
 

@@ -14,7 +14,9 @@ Watchdog::Watchdog(std::vector<std::shared_ptr<Communicator>> comms,
       poll_(poll),
       thread_([this] { run(); }) {}
 
-Watchdog::~Watchdog() {
+Watchdog::~Watchdog() { stop(); }
+
+void Watchdog::stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;

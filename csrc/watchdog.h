@@ -26,7 +26,7 @@ class Watchdog {
   // and, hierarchical, the replicas'); a failure aborts all of them.
   Watchdog(std::vector<std::shared_ptr<Communicator>> comms, Millis timeout,
            Millis poll = Millis(100));
-  ~Watchdog();  // stops and joins the thread (never leaves it joinable)
+  ~Watchdog();  // stop()
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
 
@@ -43,6 +43,9 @@ class Watchdog {
   // Rethrows the error that made the watchdog abort the communicator.
   void rethrow_if_failed();
   bool failed();
+  // Stops and joins the thread (never leaves it joinable); idempotent, called
+  // by the owner only. Entries still tracked are no longer timed.
+  void stop();
 
  private:
   void run();

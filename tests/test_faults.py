@@ -124,3 +124,59 @@ def test_peer_fault_raises_on_survivors(where: str, mode: str) -> None:
         assert out["closed_in"] <= TIMEOUT_S + MARGIN_S, out
         assert "closed" in out["after_close"], out
     print(where, mode, {r: results[r].get("ok") for r in range(WORLD)}, f"total {total:.1f} s")
+
+
+PEER_GONE_KEY = "test_faults/peer_may_leave"
+
+
+def _job_close_while_referenced(rank: int, world: int) -> dict:
+    """Rank 1 launches a sync that rank 0 never joins: its forward raises
+    from the forward hook, whose frame -- kept by the exception's traceback
+    -- holds the scheduler past close(). Rank 0 leaves only once rank 1 is
+    tearing down, so rank 1's in-flight gloo work ends (and gloo's thread
+    releases its tensors, which takes the GIL) during that teardown."""
+    import torch.distributed as dist
+
+    import zerocomm
+    from zerocomm import transport
+
+    # gloo's own timeout longer than zerocomm's: the work is still in flight
+    # when zerocomm gives up, and ends only when rank 0 leaves
+    private_gloo = transport.private_gloo
+    transport.private_gloo = lambda group, tag, _timeout_s: private_gloo(group, tag, 60.0)  # type: ignore[assignment]
+    model = _model()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+    handle = zerocomm.attach(model, mode="broadcast", timeout=TIMEOUT_S / 3, bucket_mb=0.0003)
+    store = dist.distributed_c10d._get_default_store()
+    for _ in range(2):
+        model(x)
+        handle.launch()
+    if rank == 0:
+        store.wait([PEER_GONE_KEY])
+        time.sleep(2.0)  # rank 1 is in its close() (or, before the fix, past it)
+        handle.close()
+        return {"raised": None}
+    handle.launch()  # rank 0 never joins this sync
+    try:
+        model(x)  # waits in the forward hook: times out there
+    except Exception as e:  # the traceback's hook frame holds the scheduler
+        store.set(PEER_GONE_KEY, "1")
+        handle.close()
+        return {"raised": f"{type(e).__name__}: {e}"}
+    return {"raised": None}
+
+
+def test_close_while_a_traceback_holds_the_scheduler() -> None:
+    """close() tears the native side down itself, without the GIL: the
+    scheduler's Python object dying later (here: when the except block
+    ends) must not be what joins gloo's threads. Before, that join ran
+    under the GIL while gloo's thread waited for the GIL to free the failed
+    work's tensors: rank 1 hung for good (or, at interpreter exit, aborted
+    with "terminate called without an active exception")."""
+    results = run_ranks(_job_close_while_referenced, 2, timeout=60, expect_errors=True)
+    for rank, res in enumerate(results):
+        assert not res["killed"] and not res["alive"], f"rank {rank} hung and had to be killed: {res}"
+        assert res.get("exitcode") == 0 and "ok" in res, f"rank {rank} failed: {res}"
+    raised = results[1]["ok"]["raised"]
+    assert raised is not None and raised.startswith("RuntimeError: zerocomm:") and "bucket" in raised, raised
+    assert results[0]["ok"]["raised"] is None

@@ -111,7 +111,7 @@ SIM_LATENCY_US = 200_000.0  # 0.2 s per collective: far longer than a forward
 
 def test_overlap_on_comm_stream(nccl_world1: None) -> None:
     import zerocomm
-    from zerocomm.sync_unit import _Scheduler
+    from zerocomm._ext import _C
 
     model = _model(torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -143,12 +143,12 @@ def test_overlap_on_comm_stream(nccl_world1: None) -> None:
     zopt.zero_grad()
     model(x).square().mean().backward()
     zopt.step()
-    wait = _Scheduler.wait_param
-    _Scheduler.wait_param = lambda self, bucket: None
+    wait = _C.SyncScheduler.wait_param
+    _C.SyncScheduler.wait_param = lambda self, bucket: None
     try:
         stale = model(x)
     finally:
-        _Scheduler.wait_param = wait
+        _C.SyncScheduler.wait_param = wait
     zopt.synchronize()
     assert not torch.equal(stale, model(x)), "the negative control was not caught"
 

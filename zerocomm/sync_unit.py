@@ -153,7 +153,7 @@ def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device
     """Allocates each bucket's flat buffer, makes the parameters views of it
     (the sync writes them in place: no copy in or out) and registers the
     bucket's sync with the scheduler."""
-    sched = _Scheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000), transport.replica)
+    sched = _C.SyncScheduler(transport.stream, transport.comm, int(transport.timeout_s * 1000), transport.replica)
     rank, records = transport.rank, []
     for b in plan.buckets:
         flat = torch.zeros(b.padded_numel, dtype=b.dtype, device=device)
@@ -183,20 +183,3 @@ def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device
         bound=bound,
     )
 
-
-class _Scheduler(_C.SyncScheduler):
-    """The native scheduler, also holding a view of every buffer registered
-    with it (param flats, grad flats and shards: all the communicator hands
-    to gloo), so `teardown.release` can order the teardown safely."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.buffers: list[torch.Tensor] = []
-
-    def add_param_bucket(self, flat: torch.Tensor, *args: Any) -> int:
-        self.buffers.append(flat.view(-1))
-        return super().add_param_bucket(flat, *args)
-
-    def add_grad_bucket(self, flat: torch.Tensor, shard: torch.Tensor, *args: Any, **kwargs: Any) -> int:
-        self.buffers += [flat.view(-1), shard.view(-1)]
-        return super().add_grad_bucket(flat, shard, *args, **kwargs)

@@ -1,7 +1,7 @@
 """Tearing a handle down in an order that cannot hang or crash: after a
-failure (drain the comm worker), per unit (release the scheduler, stream and
-communicator, keeping gloo's buffers alive until last), and at interpreter
-exit (close what the user left open). Kept out of the runtime's main path."""
+failure (drain the comm worker), per unit (close the scheduler, its stream
+and communicator, without the GIL), and at interpreter exit (close what the
+user left open). Kept out of the runtime's main path."""
 
 from __future__ import annotations
 
@@ -56,22 +56,21 @@ def drain(u: SyncUnit, attempts: int = 3) -> None:
 
 
 def release(u: SyncUnit) -> None:
-    """Destroy the scheduler, its comm stream and communicator now, in an
-    order that cannot deadlock.
+    """Tear the unit's native side down now: `sched.close()` stops the
+    watchdog, joins the comm worker and frees the communicator's transport
+    (gloo: joins the private backend's threads), with the GIL released
+    ([Note: native teardown without the GIL] in csrc/bindings.cpp).
 
-    Their destructors run under the GIL and join the gloo backend's threads.
-    A backend thread that drops the second-to-last reference to a tensor
-    that has a Python object must take the GIL (torch then releases the
-    PyObject): if that happens while this thread holds the GIL and joins it,
-    the process hangs forever -- seen right after a peer died, while gloo was
-    still freeing the failed work. The views in `sched.buffers` keep one
-    more C++ reference on every buffer gloo can hold (a view owns its base),
-    so gloo's threads never drop the second-to-last one; the views go last,
-    here, on this thread."""
+    Explicit, not left to the scheduler's destructor: a traceback's frames
+    (the forward hook that raised holds it), a tracer or a user's variable
+    may keep the Python object alive past close(), and its destructor would
+    then run whenever the last of them goes -- possibly while a gloo thread
+    still needs the GIL to release a finished work's tensors, or at
+    interpreter exit, when such a thread is ended inside a noexcept
+    destructor and the process aborts."""
     sched = u.sched
-    keep = list(getattr(sched, "buffers", []))
     u.sched = cast(Any, _Closed())
+    sched.close()
     u.transport.stream = cast(Any, None)
     u.transport.comm = cast(Any, None)
-    del sched  # ~SyncScheduler: joins the worker, then frees the communicator
-    keep.clear()
+    u.transport.replica = None
