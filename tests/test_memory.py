@@ -79,9 +79,11 @@ def _views_job(rank: int, world: int, mode: str, shard_grads: bool) -> dict:
     units = zopt.units
     ptrs: list[set[int]] = []
     for step in range(STEPS):
-        _loss(model, step, rank).backward()
         if step == STEPS - 1:
-            views, shared = [], []
+            # accumulating (not handed over yet): p.grad is a view of its bucket
+            with zopt.no_sync():
+                _loss(model, step, rank).backward()
+            views, shared, markers = [], [], []
             for u in units:
                 for rec in u.buckets:
                     for k, i in enumerate(rec.spec.params):
@@ -96,6 +98,10 @@ def _views_job(rank: int, world: int, mode: str, shard_grads: bool) -> dict:
                         else:
                             # ZeRO-2: released once handed over (a marker without storage)
                             views.append(isinstance(p.grad, HandedOver))
+            _loss(model, step, rank).backward()
+            # handed over: a marker without storage in every mode
+            markers = [isinstance(p.grad, HandedOver) for p in model.parameters()]
+            out["handed_over_markers"] = all(markers)
             out["params_are_views"] = all(shared)
             out["grads_are_views"] = all(views)
             with _Allocations() as mode_:
@@ -103,6 +109,7 @@ def _views_job(rank: int, world: int, mode: str, shard_grads: bool) -> dict:
                 zopt.zero_grad()
             out["step_allocations"] = mode_.new
         else:
+            _loss(model, step, rank).backward()
             zopt.step()
             zopt.zero_grad()
         bufs = {_storage(r.param_flat) for u in units for r in u.buckets}
@@ -208,9 +215,19 @@ def _exact_job(rank: int, world: int) -> dict:
     zopt = zerocomm.attach(model, torch.optim.AdamW(model.parameters()), mode="allgather", bucket_mb=0.001)
     _loss(model, 0, rank).backward()
     zopt.step()
+    zopt.zero_grad()
+    with zopt.no_sync():  # accumulated, not handed over: p.grad views the buckets
+        _loss(model, 1, rank).backward()
     flats = {_storage(r.grad_flat) for u in zopt.units for r in u.buckets}
     zopt.close()
     out["closed_grads_own"] = all(p.grad is not None and _storage(p.grad) not in flats for p in model.parameters())
+    # handed over at close: the marker goes (a plain backward could not drop it)
+    zopt = zerocomm.attach(model, torch.optim.AdamW(model.parameters()), mode="allgather", bucket_mb=0.001)
+    _loss(model, 2, rank).backward()
+    zopt.close()
+    out["closed_markers_none"] = all(p.grad is None for p in model.parameters())
+    _loss(model, 3, rank).backward()  # the plain model trains on
+    out["plain_backward_after_close"] = all(p.grad is not None for p in model.parameters())
     return out
 
 
@@ -234,14 +251,20 @@ def _stale_job(rank: int, world: int, mode: str) -> str:
         zopt.close()
 
 
-def _torch_clip_job(rank: int, world: int, how: str) -> str:
-    """ZeRO-2: torch's own clipping on the model's parameters after backward."""
+def _torch_clip_job(rank: int, world: int, mode: str, how: str) -> str:
+    """torch's own clipping on the model's parameters after backward, or a
+    read of p.grad for logging."""
     import zerocomm
 
     torch.manual_seed(0)
     model = Net()
+    zero2 = mode == "zero2"
     zopt = zerocomm.attach(
-        model, torch.optim.AdamW(model.parameters()), mode="allgather", bucket_mb=0.001, shard_grads=True
+        model,
+        torch.optim.AdamW(model.parameters()),
+        mode="allgather" if zero2 else mode,
+        bucket_mb=0.001,
+        shard_grads=zero2,
     )
     try:
         _loss(model, 0, rank).backward()
@@ -293,6 +316,7 @@ def test_parameters_and_gradients_are_views_of_the_buffers(mode: str, shard_grad
     for r in _views(mode, shard_grads):
         assert r["params_are_views"], "a parameter is not a view of its bucket's parameter flat"
         assert r["grads_are_views"], "p.grad is not a view of its bucket's gradient flat (or, ZeRO-2, not released)"
+        assert r["handed_over_markers"], "p.grad is not a HandedOver marker after its bucket was handed over"
         assert r["local_params_in_flats"], "a local optimizer tensor does not share the parameter flat's storage"
         assert r["local_grads_in_buffers"], "a local optimizer gradient is a copy, not a view of the gradient buffer"
 
@@ -369,7 +393,8 @@ def test_abandoned_step_then_training_is_exact(what: str) -> None:
 
 
 def test_close_releases_gradient_views() -> None:
-    assert all(r["closed_grads_own"] for r in _exact())
+    for r in _exact():
+        assert r["closed_grads_own"] and r["closed_markers_none"] and r["plain_backward_after_close"], r
 
 
 @pytest.mark.parametrize("mode", ["broadcast", "allgather", "zero2"])
@@ -379,12 +404,15 @@ def test_backward_without_zero_grad_raises(mode: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["norm", "value", "read"])
-def test_zero2_torch_clipping_raises_on_every_rank(how: str) -> None:
-    """shard_grads=True: the full gradient exists nowhere after hand-over, so
-    torch's clipping (or any read of p.grad) must fail loudly, not find no
-    gradient and quietly do nothing."""
-    for msg in run_ranks(_torch_clip_job, WORLD, how, timeout=120):
-        assert "shard_grads=True" in msg and "zopt.clip_grad_norm_" in msg, msg
+@pytest.mark.parametrize("mode", ["broadcast", "allgather", "zero2"])
+def test_torch_clipping_and_grad_reads_raise_on_every_rank(mode: str, how: str) -> None:
+    """After hand-over the bucket is reduced in place (ZeRO-2: only this
+    rank's slice is kept), so torch's clipping or any read of p.grad must
+    fail loudly -- not clip a shard, find no gradient, or read a value that
+    depends on how far the reduction got ([Note: handed-over gradients])."""
+    for msg in run_ranks(_torch_clip_job, WORLD, mode, how, timeout=120):
+        assert "handed to zerocomm's gradient reduction" in msg and "zopt.clip_grad_norm_" in msg, msg
+        assert ("shard_grads=True" in msg) == (mode == "zero2"), msg
 
 
 @pytest.mark.parametrize(

@@ -57,9 +57,6 @@ class GradPath:
         self._states = [self._arm(ui, u) for ui, u in enumerate(units)]
         self._in_flight = False  # reductions launched and not yet waited for
         self._backward_open = False  # ZeRO-2: the end-of-backward flush is queued
-        # [Note: gradient views] after a step the buckets hold the reduction's
-        # result; a backward into them without zero_grad() would add to it
-        self._stale: dict[int, tuple[torch.Tensor, int]] = {}  # id(grad flat) -> (flat, version at step end)
 
     def _arm(self, ui: int, u: SyncUnit) -> GradState:
         # Backward produces grads roughly in reverse forward order; the order
@@ -71,16 +68,16 @@ class GradPath:
                 p = plan.params[i].param
                 st.where[id(p)] = (b.index, k)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(ui, plan.params[i].name)))
-                if not self.modes[ui].keeps_grads:
-                    self._handles.append(p.register_hook(self._drop_marker(p)))
+                self._handles.append(p.register_hook(self._drop_marker(p)))
         return st
 
     @staticmethod
     def _drop_marker(p: torch.Tensor) -> Callable[[torch.Tensor], None]:
-        """ZeRO-2, before backward accumulates into `p`: a gradient handed
-        over earlier in this step is in the kept slice already (start from
-        None); one a step has used needed zero_grad() first ([Note:
-        handed-over gradients])."""
+        """Before backward accumulates into `p`: a gradient handed over
+        earlier in this step is with the reduction already (start from None:
+        ZeRO-2 adds it to the kept slice; ZeRO-1's hook then refuses it);
+        one a step has used needed zero_grad() first ([Note: handed-over
+        gradients])."""
 
         def pre_hook(grad: torch.Tensor) -> None:
             marker = p.grad
@@ -97,19 +94,6 @@ class GradPath:
                 return  # DDP reduces: [Note: DDP-wrapped models]
             st, mode = self._states[ui], self.modes[ui]
             b, k = st.where[id(p)]
-            rec = self.units[ui].buckets[b]
-            if mode.keeps_grads:
-                if id(p) not in st.landed:
-                    self._check_fresh(rec, k, p, name)
-                    mode.land(rec, k, p)
-                    st.landed.add(id(p))
-                if not self.sync_grads:
-                    return  # accumulating: backward adds into the bucket in place
-            elif not self._backward_open:
-                # ZeRO-2: every backward reduces each bucket once, also inside
-                # no_sync(); the rest are flushed when this backward ends
-                self._backward_open = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             if id(p) in st.fired:
                 # Its bucket may already be reduced (read on the comm stream):
                 # the grad added now would silently be left out of the step.
@@ -118,21 +102,23 @@ class GradPath:
                     "handed to the reduction in this step; for gradient accumulation run "
                     "every backward but the last inside zopt.no_sync()"
                 )
+            if mode.keeps_grads:
+                if id(p) not in st.landed:
+                    mode.land(self.units[ui].buckets[b], k, p)
+                    st.landed.add(id(p))
+                if not self.sync_grads:
+                    return  # accumulating: backward adds into the bucket in place
+            elif not self._backward_open:
+                # ZeRO-2: every backward reduces each bucket once, also inside
+                # no_sync(); the rest are flushed when this backward ends
+                self._backward_open = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             st.fired.add(id(p))
             st.had_grad.add(id(p))
             st.pending[b] -= 1
             self._launch_ready(ui, flush=False)
 
         return hook
-
-    def _check_fresh(self, rec: Any, k: int, p: torch.Tensor, name: str) -> None:
-        """Backward accumulated into a gradient view still holding the last
-        step's reduction (no zero_grad between the steps): plain torch would
-        add to the old gradient, which zerocomm no longer has."""
-        if rec.grad_flat is None or p.grad is not rec.grad_views[k]:
-            return
-        if self._stale.get(id(rec.grad_flat)) is not None:
-            raise guards.stale_gradient(name)
 
     def _end_backward(self) -> None:
         """ZeRO-2: the end of a backward: flush every bucket not reduced in
@@ -160,16 +146,13 @@ class GradPath:
     def note_forward(self, module: nn.Module, args: object) -> None:
         """Forward pre-hook on each model chunk: does this forward run inside
         DDP? Also orders a reduction left running by a step that never came
-        before backward writes into its bucket again, and forgets the stale
-        mark of a bucket the user has written since (zeroed it)."""
+        before backward writes into its bucket again."""
         ddp = guards.active_ddp(module)
         if ddp is not None and ddp is not self.ddp:
             guards.check_ddp(ddp, [u.data_parallel_group for u in self.units], self.average_grads)
         self.ddp = ddp
         if self._in_flight and self.has_grad is None and not any(st.launched for st in self._states):
             self._wait_all()
-        if self._stale:
-            self._stale = {key: (f, v) for key, (f, v) in self._stale.items() if f._version == v}
 
     def _wait_all(self) -> None:
         for u in self.units:  # first: a dead peer is reported as the failed reduction it is
@@ -219,18 +202,6 @@ class GradPath:
         self.has_grad = has_grad
         self._watch.check()
         return self.has_grad
-
-    def mark_stale(self) -> None:
-        """After a step: the gradient views hold the reduction's result."""
-        self._stale = {}
-        for u, mode in zip(self.units, self.modes):
-            if mode.keeps_grads:
-                for rec in u.buckets:
-                    if rec.grad_flat is not None:
-                        self._stale[id(rec.grad_flat)] = (rec.grad_flat, rec.grad_flat._version)
-
-    def clear_stale(self) -> None:
-        self._stale = {}
 
     def reset(self) -> None:
         """Re-arm the bucket counters for the next step."""

@@ -2,8 +2,9 @@
 a step silently differ from plain torch (see docs/design.md, [Note: user
 writes between steps]).
 
-- `GradWatch`: gradients handed to the reduction and then edited in place
-  (`torch.nn.utils.clip_grad_norm_(model.parameters())`, `GradScaler`).
+- `GradWatch`: gradients handed to the reduction and then replaced or
+  zeroed in place (any other use of the handed-over marker raises at the
+  call: zerocomm/handed_over.py).
 - `GradPresence`: which parameters have a gradient on *any* rank this step;
   torch's optimizers skip a parameter whose `.grad` is None, so a parameter
   without a gradient on every rank must not be stepped.
@@ -32,6 +33,16 @@ CLIP_HINT = (
 )
 
 
+def grad_scaler_unsupported() -> NotImplementedError:
+    """GradScaler met at step() (its grad_scale / found_inf) or in its
+    unscale_ (on a handed-over gradient)."""
+    return NotImplementedError(
+        "zerocomm: GradScaler (fp16 loss scaling) is not supported: its unscale_ and inf "
+        "checks see only this rank's shard. Train in bf16 (no scaler needed), or scale the "
+        "loss yourself and pass the inverse to zopt.clip_grad_norm_"
+    )
+
+
 def stale_gradient(name: str) -> RuntimeError:
     """A backward into a gradient a step has used, with no zero_grad() in
     between: torch would add to it, zerocomm no longer has it."""
@@ -46,17 +57,16 @@ def stale_gradient(name: str) -> RuntimeError:
 class _Handed:
     name: str
     param: torch.Tensor
-    grad: torch.Tensor | None  # what p.grad is after hand-over (ZeRO-2: a HandedOver marker)
+    grad: torch.Tensor | None  # what p.grad is after hand-over: its HandedOver marker
     version: int
 
 
 @dataclass
 class GradWatch:
-    """Remembers each gradient as it was handed to the reduction ([Note:
-    gradient ownership]); an edit after that would be silently left out of
-    the step, so `check()` raises instead. zerocomm's own writes to the
-    bucket go through an alias with a version counter of its own ([Note:
-    gradient views]), so only the user's edits count."""
+    """Remembers the marker each parameter's p.grad became at hand-over
+    ([Note: gradient ownership], [Note: handed-over gradients]); replacing
+    it, or zeroing it, before the step would be silently left out of the
+    step, so `check()` raises instead."""
 
     handed: dict[int, _Handed] = field(default_factory=dict)  # id(param) -> its latest hand-over
 

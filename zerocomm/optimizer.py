@@ -234,11 +234,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-            raise NotImplementedError(
-                "zerocomm: GradScaler (fp16 loss scaling) is not supported: its unscale_ and inf "
-                "checks see only this rank's shard. Train in bf16 (no scaler needed), or scale the "
-                "loss yourself and pass the inverse to zopt.clip_grad_norm_"
-            )
+            raise guards.grad_scaler_unsupported()
         self._hparams.sync()
         self._hparams.stepped()
         guards.check_trainable(self._unplanned)
@@ -257,7 +253,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         self.buffers.write_back(ui, b)
                 launch(self.sync.sequence)
         self._reset_grad_state()
-        self.grads.mark_stale()
         self._record_versions()
         return loss
 
@@ -319,9 +314,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's: p.grad becomes None, or (set_to_none=False) zero in
-        place (then it stays a view of zerocomm's gradient bucket)."""
+        place (a view of zerocomm's gradient bucket, or a handed-over
+        marker, which then counts as zero: [Note: handed-over gradients])."""
         self._reset_grad_state()
-        self.grads.clear_stale()
         for p in self._user_params:
             if p.grad is None:
                 continue

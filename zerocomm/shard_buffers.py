@@ -12,10 +12,13 @@ Each mode is one class ([Note: one bucket record] in docs/design.md):
   only this rank's reduced slice is kept; the full bucket lives in a small
   pool of staging buffers while in flight.
 
-Lean by default ([Note: gradient views]): `p.grad` is a view of its
-bucket's gradient buffer, so backward accumulates straight into what the
-reduction reads, the reduce-scatter's output is this rank's slice of that
-buffer, and the local optimizer's gradients are views of it too.
+Lean by default ([Note: gradient views]): until its bucket is handed to
+the reduction `p.grad` is a view of the bucket's gradient buffer, so
+backward accumulates straight into what the reduction reads, the
+reduce-scatter's output is this rank's slice of that buffer, and the local
+optimizer's gradients are views of it too; from hand-over until
+zero_grad() `p.grad` is a `HandedOver` marker ([Note: handed-over
+gradients]).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from . import guards
 from ._ext import _C
-from .handed_over import HandedOver
+from .handed_over import IN_PLACE, SHARDED, HandedOver
 from .plan import Bucket
 from .sync_unit import BucketRecord, SyncUnit, alias
 
@@ -107,7 +111,8 @@ GradWatchRecord = Callable[[str, torch.Tensor, "torch.Tensor | None"], None]
 class GradMode:
     """One unit's gradient buckets in one mode (see the module docstring)."""
 
-    keeps_grads = True  # p.grad stays a view of the bucket after hand-over
+    keeps_grads = True  # the bucket's views hold the gradients from landing until the step
+    WHY = IN_PLACE  # what a handed-over marker says ([Note: handed-over gradients])
     SCRATCH = 1 << 16  # elements of the master_dtype widening's scratch (256 KiB fp32)
 
     def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
@@ -116,6 +121,7 @@ class GradMode:
         self._stores: dict[torch.dtype, torch.Tensor] = {}  # dtype -> every bucket's gradients, back to back
         self._offsets: dict[int, int] = {}  # bucket index -> element offset in its dtype's store
         self._widenings: list[Widening] = []
+        self._markers: dict[int, HandedOver] = {}  # plan param index -> its p.grad once handed over
         md = ctx.master_dtype or torch.float32
         self._scratch = torch.empty(0, dtype=md, device=ctx.device)
         for rec in unit.buckets:
@@ -249,29 +255,60 @@ class GradMode:
 
     def hand_over(self, rec: BucketRecord, fired: set[int], record: GradWatchRecord) -> None:
         """Launch the bucket's reduction (every parameter has landed, or the
-        step flushes it). Parameters without a gradient contribute zeros."""
+        step flushes it). Parameters without a gradient contribute zeros;
+        p.grad of the others becomes a marker ([Note: handed-over
+        gradients]): the bucket is reduced in place from here on."""
         plan = self.unit.plan
+        had = []
         for k, i in enumerate(rec.spec.params):
             spec = plan.params[i]
             view = rec.grad_views[k]
             assert view is not None
-            if spec.param.grad is not view:
-                if spec.param.grad is not None:  # set after its hook fired (or none fired: no_sync edge)
-                    view.copy_(spec.param.grad)
-                    spec.param.grad = view
-                else:
-                    view.zero_()
-        for i in rec.spec.params:  # after the copies: the bucket's views share one version counter
-            spec = plan.params[i]
-            if spec.param.grad is not None:
-                record(spec.name, spec.param, spec.param.grad)
+            g = self._current(i)
+            had.append(g is not None)
+            if g is None:
+                view.zero_()
+            elif g is not view:  # set after its hook fired (or none fired: no_sync edge)
+                view.copy_(g)
         self.unit.sched.reduce_grads(rec.grad_id, [], self.ctx.average)
+        for i, h in zip(rec.spec.params, had):
+            if h:  # a parameter without a gradient keeps None (or its zeroed marker), as in torch
+                spec = plan.params[i]
+                record(spec.name, spec.param, self._mark(i))
+
+    def _current(self, i: int) -> torch.Tensor | None:
+        """The plan's i-th parameter's gradient at hand-over: None when it
+        has none, a zeroed marker counts as None; a marker a step has used
+        means backward never reached the parameter since (torch would step
+        with that old gradient again, which zerocomm no longer has)."""
+        spec = self.unit.plan.params[i]
+        g = spec.param.grad
+        if isinstance(g, HandedOver):
+            if g.stale and not g.zeroed:
+                raise guards.stale_gradient(spec.name)
+            return None
+        return g
+
+    def _mark(self, i: int) -> HandedOver:
+        """p.grad of the plan's i-th parameter from its hand-over until
+        zero_grad(): one marker per parameter, renewed every hand-over."""
+        spec = self.unit.plan.params[i]
+        marker = self._markers.get(i)
+        if marker is None:
+            marker = self._markers[i] = HandedOver(spec.param, spec.name, self.WHY)
+        marker.renew()
+        spec.param.grad = marker
+        return marker
 
     def after_wait(self) -> None:
         """Every reduction of the step has been waited for."""
 
     def new_step(self) -> None:
-        """The step's gradients are done with (step() or zero_grad())."""
+        """The step's gradients are done with (step() or zero_grad()): from
+        here on a backward into a handed-over gradient would add to what
+        torch still holds ([Note: handed-over gradients])."""
+        for marker in self._markers.values():
+            marker.stale = True
 
     def take_local(self, rec: BucketRecord) -> None:
         """[Note: DDP-wrapped models] p.grad is already averaged over the
@@ -437,6 +474,7 @@ class ShardedGrads(AllGatherGrads):
     kept slice)."""
 
     keeps_grads = False
+    WHY = SHARDED
 
     def __init__(self, unit: SyncUnit, ctx: ModeContext) -> None:
         self._pools: dict[torch.dtype, list[_Slot]] = {}
@@ -489,17 +527,14 @@ class ShardedGrads(AllGatherGrads):
         plan = self.unit.plan
         grads, had = [], []
         for i in rec.spec.params:
-            p = plan.params[i].param
-            g = p.grad
-            had.append(g is not None and not isinstance(g, HandedOver))
-            grads.append(g.detach() if g is not None and had[-1] else torch.zeros_like(p))
+            g = self._current(i)
+            had.append(g is not None)
+            grads.append(g.detach() if g is not None else torch.zeros_like(plan.params[i].param))
         self.unit.sched.reduce_grads(rec.grad_id, grads, self.ctx.average)
         slot.user = rec
         for i, fresh in zip(rec.spec.params, had):  # copied: released, so the full gradient never lives on
-            spec = plan.params[i]
             if fresh:  # a parameter without a gradient keeps None (or its earlier marker), as in torch
-                spec.param.grad = marker = HandedOver(spec.param, spec.name)
-                record(spec.name, spec.param, marker)
+                record(plan.params[i].name, plan.params[i].param, self._mark(i))
 
     def _retire(self, rec: BucketRecord) -> None:
         """Wait for the bucket's reduction and keep (add up) its slice."""
@@ -525,12 +560,7 @@ class ShardedGrads(AllGatherGrads):
                 rec.grad_shard.zero_()
 
     def new_step(self) -> None:  # noqa: D102
-        # [Note: handed-over gradients] from here on a backward into a
-        # handed-over gradient would add to what torch still holds
-        for spec in self.unit.plan.params:
-            g = spec.param.grad
-            if isinstance(g, HandedOver):
-                g.stale = True
+        super().new_step()
         # a step abandoned after its reductions were launched: they must
         # finish before their staging buffers are reused, and not count
         for slots in self._pools.values():
@@ -577,13 +607,17 @@ class ShardBuffers:
         return sum(m.nbytes() for m in self.modes)
 
     def release_grads(self) -> None:
-        """close(): a p.grad still viewing a bucket gets its own copy, so the
-        buckets can be freed."""
+        """close(): a p.grad still viewing a bucket (accumulated, not yet
+        handed over) gets its own copy, so the buckets can be freed; a
+        handed-over marker becomes None (the plain model's hooks could not
+        drop it before a backward)."""
         for u in self.units:
             for rec in u.buckets:
                 for k, i in enumerate(rec.spec.params):
                     p = u.plan.params[i].param
-                    if p.grad is not None and p.grad is rec.grad_views[k]:
+                    if isinstance(p.grad, HandedOver):
+                        p.grad = None
+                    elif p.grad is not None and p.grad is rec.grad_views[k]:
                         p.grad = p.grad.clone()
 
     def bind_grads(self, has_grad: list[list[bool]]) -> None:

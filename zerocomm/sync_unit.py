@@ -182,4 +182,3 @@ def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device
         order=list(range(len(plan.buckets))),
         bound=bound,
     )
-
