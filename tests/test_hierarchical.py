@@ -183,10 +183,34 @@ def _bad_layouts(rank: int, grid: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _to_rank(rank: int, grid: dict[str, Any]) -> dict[str, Any]:
+    """state_dict(to_rank=): a rank of the whole data-parallel group (2 x 2)."""
+    import zerocomm
+
+    model = tiny_mlp()
+    zopt = zerocomm.attach(model, _opt(model), mode="allgather", bucket_mb=BUCKET_MB, **_layout_kwargs("grid", grid))
+    _loss(model, 0, rank).backward()
+    zopt.step()
+    zopt.zero_grad()
+    full = zopt.state_dict()
+    got = zopt.state_dict(to_rank=3)
+    try:
+        zopt.state_dict(to_rank=WORLD)
+        error = "no error"
+    except ValueError as e:
+        error = str(e)
+    zopt.close()
+    same = bool(got) and all(
+        torch.equal(a, b) for i in full["state"] for a, b in zip(full["state"][i].values(), got["state"][i].values())
+    )
+    return dict(got=bool(got), same=same, error=error)
+
+
 def _job(rank: int, world: int, names: tuple[str, ...]) -> dict[str, Any]:
     torch.set_num_threads(1)
     grid = _grid(rank)
     out: dict[str, Any] = {name: _scenario(rank, grid, name) for name in names}
+    out["to_rank"] = _to_rank(rank, grid)
     out["errors"] = _bad_layouts(rank, grid)
     out["simulated"] = _simulated_traffic()
     return out
@@ -371,3 +395,14 @@ def test_bad_layout_raises_on_every_rank(case: str, words: str) -> None:
         msg = res[rank]["errors"][case]
         assert msg != "no error", f"{case}: rank {rank} attached"
         assert words in msg, f"{case}: rank {rank}: {msg}"
+
+
+def test_state_dict_to_rank_counts_in_the_whole_data_parallel_group() -> None:
+    """to_rank=3 in a 2 x 2 layout: global rank 3 alone gets the full
+    state_dict (counted in the shard group, nobody or the wrong ranks would);
+    a rank outside the group raises on every rank."""
+    res = [r["to_rank"] for r in _results()]
+    assert [r["got"] for r in res] == [False, False, False, True], res
+    assert res[3]["same"], "the state_dict sent to rank 3 differs from the all-ranks one"
+    for r in res:
+        assert "to_rank=4" in r["error"] and "data-parallel group" in r["error"], r["error"]

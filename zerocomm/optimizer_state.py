@@ -21,10 +21,30 @@ def local_positions(zopt: ShardedOptimizer) -> dict[int, int]:
     return pos
 
 
+def _receives(zopt: ShardedOptimizer, to_rank: int | None) -> bool:
+    """Does this rank get the consolidated state_dict? `to_rank` counts in
+    the data-parallel group -- every rank of the dense layout, the shard
+    groups and their replicas ([Note: hierarchical layout]) -- as
+    ZeroRedundancyOptimizer counts `to` in its process group. Checked on
+    every rank before any collective."""
+    if to_rank is None:
+        return True
+    layout = zopt.layouts.get(zopt.sharded_plans[0].name)
+    group = layout.group if layout is not None else zopt.group
+    rank, size = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+    if not 0 <= to_rank < size:
+        raise ValueError(
+            f"state_dict(to_rank={to_rank}): to_rank is a rank of the data-parallel group "
+            f"(0 .. {size - 1}: every rank zerocomm averages gradients over)"
+        )
+    return rank == to_rank
+
+
 def consolidated_state_dict(zopt: ShardedOptimizer, to_rank: int | None = None) -> dict:
     """The state_dict the unsharded optimizer would have (loadable by a plain
     torch optimizer over the model's parameters). Collective over the group;
     with `to_rank`, only that rank gets it (others get {})."""
+    receives = _receives(zopt, to_rank)
     zopt.synchronize()
     plan_of = {i: k for k, plan in enumerate(zopt.sharded_plans) for i in plan.params}
     mine: list[list[Any]] = [[] for _ in zopt.sharded_plans]
@@ -44,7 +64,7 @@ def consolidated_state_dict(zopt: ShardedOptimizer, to_rank: int | None = None) 
             everyone += gathered
         else:
             everyone.append(pieces)
-    if to_rank is not None and dist.get_rank(zopt.group) != to_rank:
+    if not receives:
         return {}
     state: dict[int, dict[str, Any]] = {}
     for rank_pieces in everyone:
