@@ -39,6 +39,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
             dist.destroy_process_group()
     except Exception:
         pass
+    from zerocomm.testing.launch import exit_rank
+
+    exit_rank()  # [Note: rank exit] in zerocomm/testing/launch.py
 
 
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0, expect_errors: bool = False) -> list[Any]:

@@ -15,9 +15,11 @@ Depends on torch and the standard library only, so any script can use it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +74,29 @@ def run_env_rank(
         dist.destroy_process_group()
 
 
+def exit_rank() -> None:
+    """End a spawned rank whose result is written: run the atexit handlers
+    (zerocomm closes what is still open) while the interpreter is whole,
+    flush, and leave without interpreter finalization.
+
+    [Note: rank exit] A gloo worker thread releases a finished work a
+    moment after the caller's wait() returned; when the work held tensors
+    made in Python (`all_gather_object`'s, the last collective of a
+    benchmark rank), the release takes the GIL. If the rank has reached
+    interpreter finalization by then, Python ends that thread with
+    pthread_exit, whose unwinding through gloo's noexcept code calls
+    std::terminate: "terminate called without an active exception", SIGABRT
+    after the rank's work is done (seen in 1 of ~10 overlap benchmark runs;
+    backtrace: ProcessGroupGloo::runLoop -> TensorImpl::decref_pyobject ->
+    PyEval_AcquireThread -> pthread_exit). A torch issue (gloo process groups
+    and interpreter exit), not zerocomm's; a rank that skips finalization
+    cannot meet it."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _rank_entry(
     rank: int, fn: Callable[..., Any], world: int, port: int, args: Sequence[Any], out_dir: str, cpu_threads: int | None
 ) -> None:
@@ -88,6 +113,7 @@ def _rank_entry(
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    exit_rank()  # [Note: rank exit]
 
 
 def spawn_gloo_ranks(
