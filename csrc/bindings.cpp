@@ -195,8 +195,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"),
            py::arg("replica") = nullptr, nogil)
       .def("add_param_bucket", &S::add_param_bucket, py::arg("flat"),
-           py::arg("copy_in"), py::arg("in_offsets"), py::arg("copy_out"),
-           py::arg("out_offsets"), py::arg("root"), py::arg("label"),
+           py::arg("root"), py::arg("label"),
            py::arg("collective") = Collective::kBroadcast)
       .def(
           "add_grad_bucket",

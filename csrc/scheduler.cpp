@@ -106,11 +106,7 @@ void SyncScheduler::close() {
     auto keep = [this](const at::Tensor& t) {
       if (t.defined()) stream_->keep_alive(t);
     };
-    for (const auto& b : params_) {
-      keep(b->flat);
-      for (const auto& t : b->copy_in) keep(t);
-      for (const auto& t : b->copy_out) keep(t);
-    }
+    for (const auto& b : params_) keep(b->flat);
     for (const auto& b : grads_) {
       keep(b->flat);
       keep(b->shard);
@@ -180,13 +176,8 @@ void SyncScheduler::rethrow_cause() {
   throw;
 }
 
-int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
-                                        std::vector<at::Tensor> copy_in,
-                                        std::vector<int64_t> in_offsets,
-                                        std::vector<at::Tensor> copy_out,
-                                        std::vector<int64_t> out_offsets,
-                                        int root, std::string label,
-                                        Collective op) {
+int64_t SyncScheduler::add_param_bucket(at::Tensor flat, int root,
+                                        std::string label, Collective op) {
   TORCH_CHECK_VALUE(
       op == Collective::kBroadcast || op == Collective::kAllGather, "bucket ",
       label, ": a parameter bucket is broadcast or all-gathered");
@@ -198,22 +189,11 @@ int64_t SyncScheduler::add_param_bucket(at::Tensor flat,
       op != Collective::kAllGather || flat.numel() % comm_->size() == 0,
       "bucket ", label, ": all-gather buffer of ", flat.numel(),
       " elements does not split over ", comm_->size(), " ranks");
-  auto numels = [](const std::vector<at::Tensor>& ts) {
-    std::vector<int64_t> n;
-    for (const auto& t : ts) n.push_back(t.numel());
-    return n;
-  };
+  TORCH_CHECK_VALUE(flat.defined() && flat.dim() == 1 && flat.is_contiguous(),
+                    "bucket ", label,
+                    ": the parameter flat must be a contiguous 1-D tensor");
   auto b = std::make_shared<ParamBucket>();
-  b->in_layout = FlatLayout::explicit_offsets(
-      std::move(in_offsets), numels(copy_in), flat.numel(), flat.scalar_type());
-  b->out_layout =
-      FlatLayout::explicit_offsets(std::move(out_offsets), numels(copy_out),
-                                   flat.numel(), flat.scalar_type());
-  check_tensors(copy_in, b->in_layout, flat, label.c_str());
-  check_tensors(copy_out, b->out_layout, flat, label.c_str());
   b->flat = std::move(flat);
-  b->copy_in = std::move(copy_in);
-  b->copy_out = std::move(copy_out);
   b->op = op;
   b->root = root;
   b->label = std::move(label);
@@ -310,13 +290,11 @@ void SyncScheduler::launch(const std::vector<int64_t>& order) {
     auto traffic = traffic_;
     b->done = enqueue_traced(b->label, [b, comm, delay, traffic] {
       if (delay > 0) comm->hold(delay, b->flat.is_cuda());
-      if (!b->copy_in.empty()) flatten(b->copy_in, b->in_layout, b->flat);
       traffic->add(Traffic::kShard, b->op, b->flat);
       if (b->op == Collective::kAllGather)
         comm->all_gather(b->flat);
       else
         comm->broadcast(b->flat, b->root);
-      if (!b->copy_out.empty()) unflatten(b->flat, b->copy_out, b->out_layout);
     });
   }
 }

@@ -1,7 +1,8 @@
 // The sync scheduler: everything zerocomm puts on its comm stream, in order.
-// Parameter sync: wait "step done" -> per bucket: copy-in -> broadcast or
-// all-gather -> copy-out -> record the bucket's event. Gradient reduction:
-// per bucket: wait the compute stream -> copy-in -> reduce / reduce-scatter.
+// Parameter sync: wait "step done" -> per bucket: broadcast or all-gather of
+// the flat the parameters view -> record the bucket's event. Gradient
+// reduction: per bucket: wait the compute stream -> copy-in (ZeRO-2's
+// staging) -> reduce / reduce-scatter.
 #pragma once
 
 #include <atomic>
@@ -27,13 +28,10 @@ enum class Collective {
   kAllReduce
 };
 
-// A parameter bucket: copy-in -> broadcast / all-gather -> copy-out.
+// A parameter bucket: broadcast / all-gather of `flat` in place (the
+// parameters are views of it: nothing is copied in or out).
 struct ParamBucket {
-  at::Tensor flat;                  // persistent, owned: never recycled
-  std::vector<at::Tensor> copy_in;  // copied into `flat` before the collective
-  FlatLayout in_layout;
-  std::vector<at::Tensor> copy_out;  // copied out of `flat` after it
-  FlatLayout out_layout;
+  at::Tensor flat;  // persistent, owned: never recycled
   Collective op = Collective::kAllGather;
   int root = -1;  // kBroadcast: the rank it is broadcast from
   std::string label;
@@ -87,11 +85,7 @@ class SyncScheduler {
   SyncScheduler(const SyncScheduler&) = delete;
   SyncScheduler& operator=(const SyncScheduler&) = delete;
 
-  int64_t add_param_bucket(at::Tensor flat, std::vector<at::Tensor> copy_in,
-                           std::vector<int64_t> in_offsets,
-                           std::vector<at::Tensor> copy_out,
-                           std::vector<int64_t> out_offsets, int root,
-                           std::string label,
+  int64_t add_param_bucket(at::Tensor flat, int root, std::string label,
                            Collective op = Collective::kBroadcast);
   int64_t add_grad_bucket(at::Tensor flat, at::Tensor shard,
                           std::vector<int64_t> offsets,

@@ -93,7 +93,7 @@ def _charged(comm: object, op: str, numel: int) -> dict:
     s = _C.SyncScheduler(_C.make_stream(-1), comm, 10_000)
     flat = torch.zeros(numel)
     if op == "all_gather":
-        s.launch([s.add_param_bucket(flat, [], [], [], [], -1, "p", _C.Collective.ALL_GATHER)])
+        s.launch([s.add_param_bucket(flat, -1, "p", _C.Collective.ALL_GATHER)])
     else:
         coll = _C.Collective.REDUCE_SCATTER if op == "reduce_scatter" else _C.Collective.ALL_REDUCE
         shard = flat if op == "reduce_scatter" else torch.empty(0)

@@ -41,7 +41,7 @@ from zerocomm._ext import _C
 def make(latency_us, timeout_ms):
     comm = _C.simulated_communicator(latency_us, 10.0, 8)
     s = _C.SyncScheduler(_C.make_stream(-1), comm, timeout_ms)
-    s.add_param_bucket(torch.zeros(64), [], [], [], [], 0, "b0")
+    s.add_param_bucket(torch.zeros(64), 0, "b0")
     return s, comm
 """
 
@@ -51,7 +51,7 @@ def test_abort_then_check_and_collectives_raise_aborted() -> None:
 
     comm = _C.simulated_communicator(0.0, 10.0, 8)
     s = _C.SyncScheduler(_C.make_stream(-1), comm, 5000)
-    s.add_param_bucket(torch.zeros(64), [], [], [], [], 0, "b0")
+    s.add_param_bucket(torch.zeros(64), 0, "b0")
     s.launch([0])
     s.host_synchronize()
     s.abort()
@@ -79,7 +79,7 @@ def test_c10d_communicator_after_abort() -> None:
     with pytest.raises(RuntimeError, match="aborted"):
         comm.check_error()
     s = _C.SyncScheduler(_C.make_stream(-1), comm, 5000)
-    s.add_param_bucket(torch.zeros(64), [], [], [], [], 0, "b0")
+    s.add_param_bucket(torch.zeros(64), 0, "b0")
     with pytest.raises(RuntimeError, match="aborted"):
         s.launch([0])  # the collective is never issued on a freed transport
     assert s.aborted  # a throwing check_error() marks the scheduler aborted
@@ -287,7 +287,7 @@ def test_native_threads_are_joined() -> None:
 
     def make(i: int) -> "_C.SyncScheduler":
         s = _C.SyncScheduler(_C.make_stream(-1), _C.simulated_communicator(0.0, 10.0, 8), 5000)
-        s.add_param_bucket(torch.zeros(16), [], [], [], [], 0, f"b{i}")
+        s.add_param_bucket(torch.zeros(16), 0, f"b{i}")
         s.launch([0])
         return s
 

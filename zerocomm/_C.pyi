@@ -61,17 +61,7 @@ class SyncScheduler:
     def __init__(
         self, stream: Stream, comm: Communicator, timeout_ms: int, replica: Communicator | None = None
     ) -> None: ...
-    def add_param_bucket(
-        self,
-        flat: torch.Tensor,
-        copy_in: list[torch.Tensor],
-        in_offsets: list[int],
-        copy_out: list[torch.Tensor],
-        out_offsets: list[int],
-        root: int,
-        label: str,
-        collective: Collective = ...,
-    ) -> int: ...
+    def add_param_bucket(self, flat: torch.Tensor, root: int, label: str, collective: Collective = ...) -> int: ...
     def add_grad_bucket(
         self,
         flat: torch.Tensor,

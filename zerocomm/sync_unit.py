@@ -167,7 +167,7 @@ def build_unit(name: str, plan: Plan, transport: Transport, device: torch.device
         label = f"{name}:{b.index}[{plan.blocks[b.blocks[0]].name}" + (
             f"..{plan.blocks[b.blocks[-1]].name}]" if len(b.blocks) > 1 else "]"
         )
-        pid = sched.add_param_bucket(alias(flat), [], [], [], [], root, label, op)
+        pid = sched.add_param_bucket(alias(flat), root, label, op)
         lo = b.shard_range(rank)[0] if b.owner is None else 0
         records.append(BucketRecord(b, label, flat, pid, lo))
     bound = [s.param.detach() for s in plan.params]
