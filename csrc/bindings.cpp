@@ -186,14 +186,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using S = SyncScheduler;
   auto nogil = py::call_guard<py::gil_scoped_release>();
   py::class_<S, std::shared_ptr<S>>(m, "SyncScheduler")
-      .def(py::init([](std::shared_ptr<Stream> stream,
-                       std::shared_ptr<Communicator> comm, int64_t timeout_ms,
-                       std::shared_ptr<Communicator> replica) {
-             return deleted_without_gil(new S(std::move(stream), std::move(comm),
-                                              timeout_ms, std::move(replica)));
-           }),
-           py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"),
-           py::arg("replica") = nullptr, nogil)
+      .def(
+          py::init([](std::shared_ptr<Stream> stream,
+                      std::shared_ptr<Communicator> comm, int64_t timeout_ms,
+                      std::shared_ptr<Communicator> replica) {
+            return deleted_without_gil(new S(std::move(stream), std::move(comm),
+                                             timeout_ms, std::move(replica)));
+          }),
+          py::arg("stream"), py::arg("comm"), py::arg("timeout_ms"),
+          py::arg("replica") = nullptr, nogil)
       .def("add_param_bucket", &S::add_param_bucket, py::arg("flat"),
            py::arg("root"), py::arg("label"),
            py::arg("collective") = Collective::kBroadcast)

@@ -198,7 +198,8 @@ void test_teardown_after_drain_needs_no_keep_alive() {
   auto sched = make_scheduler(stream, comm, t);
   sched->launch({0});
   sched->host_synchronize();
-  const auto rows = sched->traffic();  // the sync ran: one broadcast of the flat
+  const auto rows =
+      sched->traffic();  // the sync ran: one broadcast of the flat
   EXPECT(rows.size() == 1 && std::get<2>(rows[0]) == 1);
   sched.reset();
   EXPECT(stream->kept().empty());
