@@ -167,7 +167,8 @@ def _train(rank: int, mode: str, case: str, shard_grads: bool) -> dict[str, torc
 
     torch.manual_seed(0)
     model = Net()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    # foreach: the user's own optimizer's zero_grad(set_to_none=False) then zeroes with _foreach_zero_
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=case == "outside_zero_grad")
     zopt = zerocomm.attach(model, opt, mode=mode, bucket_mb=0.001, shard_grads=shard_grads)
     for step in range(STEPS):
         skip = 2 if case == "skip" and step % 2 else None
@@ -188,8 +189,10 @@ def _train(rank: int, mode: str, case: str, shard_grads: bool) -> dict[str, torc
             zopt.zero_grad()
             continue
         zopt.step()
-        if case == "outside_zero_grad":
-            model.zero_grad(set_to_none=False)  # zeroes the views in place: zerocomm must notice
+        if case == "outside_zero_grad" and step % 2:
+            opt.zero_grad(set_to_none=False)  # the optimizer passed to attach, over the model's parameters
+        elif case == "outside_zero_grad":
+            model.zero_grad(set_to_none=False)  # zeroes the handed-over markers: zerocomm must notice
         else:
             zopt.zero_grad()
     zopt.synchronize()
@@ -372,8 +375,9 @@ def test_zero2_exact_against_plain_torch(case: str) -> None:
 
 @pytest.mark.parametrize("mode", ["broadcast", "allgather", "zero2"])
 def test_zero_grad_from_outside_is_exact(mode: str) -> None:
-    """model.zero_grad(set_to_none=False) zeroes zerocomm's gradient views in
-    place: the next backward starts from zero, as in torch."""
+    """model.zero_grad(set_to_none=False), or that of the optimizer passed to
+    attach (foreach: _foreach_zero_), zeroes the handed-over markers: the
+    next backward starts from zero, as in torch."""
     want = _reference("plain")
     for r in _exact():
         got = r[mode, "outside_zero_grad"]

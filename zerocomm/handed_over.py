@@ -12,10 +12,11 @@ clip_grad_norm_(model.parameters())` clipping a shard or nothing -- so
 `p.grad` becomes a `HandedOver` marker instead ([Note: handed-over
 gradients] in docs/design.md): a tensor of the parameter's shape, dtype and
 device without storage, whose every use raises an error saying what to do.
-`zero_()` (zero_grad(set_to_none=False)) and the flag changes zero_grad
-makes are the exceptions; the gradient hooks (grad_path) drop the marker
-before backward accumulates into the parameter again, and a deep copy of
-the model gets None (the gradient it stands for is not this rank's).
+`zero_()` and `_foreach_zero_` (zero_grad(set_to_none=False)) and the
+flag changes zero_grad makes are the exceptions; the gradient hooks
+(grad_path) drop the marker before backward accumulates into the parameter
+again, and a deep copy of the model gets None (the gradient it stands for
+is not this rank's).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 from .guards import CLIP_HINT, grad_scaler_unsupported
 
 _ALLOWED = {torch.ops.aten.zero_.default, torch.ops.aten.detach_.default}
+_FOREACH_ZERO = torch.ops.aten._foreach_zero_.default  # Optimizer.zero_grad(set_to_none=False), foreach
 _UNSCALE = torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default  # GradScaler.unscale_
 
 
@@ -73,6 +75,13 @@ class HandedOver(torch.Tensor):
             if func is torch.ops.aten.zero_.default:
                 marker.zeroed = True
             return marker
+        if func is _FOREACH_ZERO:
+            for t in args[0]:
+                if isinstance(t, HandedOver):
+                    t.zeroed = True
+                else:
+                    t.zero_()
+            return None
         if func is _UNSCALE:
             raise grad_scaler_unsupported()
         flat, _ = tree_flatten((args, kwargs or {}))
