@@ -1,0 +1,185 @@
+"""Activation checkpointing under zerocomm, as users turn it on: blocks
+wrapped in `torch.utils.checkpoint.checkpoint` (reentrant and not), and an HF
+model's `gradient_checkpointing_enable()`. The recomputation runs the
+blocks' forward again inside backward, so the parameter waits, the gradient
+hooks and the handed-over markers all meet a second forward per step. Each
+run is exact against plain AdamW in one process on the global batch, with
+the ranks bitwise equal, in both modes and with ZeRO-2."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+from dist_utils import run_ranks
+from torch.utils.checkpoint import checkpoint
+
+WORLD = 2
+STEPS = 5
+ATOL = 1e-5
+VARIANTS = ("broadcast", "allgather", "zero2")
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(16, 4)
+        self.reentrant = reentrant  # None: no checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x) if self.reentrant is None else checkpoint(b, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    # requires_grad on the input: reentrant checkpointing needs one to backprop through a block
+    return torch.randn(8, 16, generator=g).requires_grad_(), torch.randn(8, 4, generator=g)
+
+
+def _loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
+    x, y = _batch(step, rank)
+    return ((model(x) - y) ** 2).mean()
+
+
+def _model(reentrant: bool | None) -> tuple[Net, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Net(reentrant)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _train(rank: int, variant: str, reentrant: bool) -> dict[str, torch.Tensor]:
+    import zerocomm
+
+    model, opt = _model(reentrant)
+    zero2 = variant == "zero2"
+    zopt = zerocomm.attach(model, opt, mode="allgather" if zero2 else variant, bucket_mb=0.001, shard_grads=zero2)
+    for step in range(STEPS):
+        _loss(model, step, rank).backward()
+        zopt.step()
+        zopt.zero_grad()
+    zopt.synchronize()
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zopt.close()
+    return out
+
+
+def _hf_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = LlamaForCausalLM(cfg)
+    # the name newer transformers use; gradient_checkpointing_enable before it
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    return model
+
+
+def _hf_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _train_hf(rank: int, variant: str) -> dict[str, torch.Tensor]:
+    import zerocomm
+
+    model = _hf_llama()
+    zero2 = variant == "zero2"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    zopt = zerocomm.attach(model, opt, mode="allgather" if zero2 else variant, shard_grads=zero2)
+    for step in range(STEPS):
+        _hf_loss(model, step, rank).backward()
+        zopt.step()
+        zopt.zero_grad()
+    zopt.synchronize()
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zopt.close()
+    return out
+
+
+def _job(rank: int, world: int, hf: bool) -> dict[Any, dict[str, torch.Tensor]]:
+    torch.set_num_threads(1)
+    out: dict[Any, dict[str, torch.Tensor]] = {}
+    for variant in VARIANTS:
+        for reentrant in (True, False):
+            out[variant, reentrant] = _train(rank, variant, reentrant)
+        if hf:
+            out[variant, "hf"] = _train_hf(rank, variant)
+    return out
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _results() -> list[dict[Any, dict[str, torch.Tensor]]]:
+    return run_ranks(_job, WORLD, _has_transformers(), timeout=240)
+
+
+def _reference(build: Any, loss: Any) -> dict[str, torch.Tensor]:
+    """Plain AdamW, one process, on the mean of the ranks' losses."""
+    model, opt = build()
+    for step in range(STEPS):
+        (sum(loss(model, step, r) for r in range(WORLD)) / WORLD).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _check(key: Any, want: dict[str, torch.Tensor], init: nn.Module) -> None:
+    moved = max((want[n] - p.detach()).abs().max().item() for n, p in init.named_parameters())
+    assert moved > 1e-3, f"{key}: the reference did not train (moved {moved:.3g})"
+    res = [r[key] for r in _results()]
+    worst = max((res[0][n] - want[n]).abs().max().item() for n in want)
+    assert worst < ATOL, f"{key}: max |delta| {worst:.3g} against plain AdamW"
+    print(key, f"max |delta| {worst:.3g}")
+    for n in want:
+        assert torch.equal(res[0][n], res[1][n]), f"{key}: ranks differ in {n}"
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checkpointed_blocks_match_torch(variant: str, reentrant: bool) -> None:
+    # the reference recomputes too: checkpointing must not change the numbers
+    _check((variant, reentrant), _reference(lambda: _model(reentrant), _loss), _model(reentrant)[0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hf_gradient_checkpointing_matches_torch(variant: str) -> None:
+    pytest.importorskip("transformers")
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _hf_llama()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    _check((variant, "hf"), _reference(build, _hf_loss), _hf_llama())
