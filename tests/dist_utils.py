@@ -96,3 +96,21 @@ def tiny_mlp_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 * step + rank)
     x, y = torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)
     return ((model(x) - y) ** 2).mean()
+
+
+def tiny_llama() -> nn.Module:
+    """A 2-layer HF Llama from a small config (no download), with fixed
+    initial weights; needs transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 from dist_utils import run_ranks
+from dist_utils import tiny_llama as _model
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,20 +31,6 @@ STEPS = 6  # step 0 + each kind of read first once
 MODES = ("broadcast", "allgather")
 ATOL = 1e-5
 DELAY_S = 0.03  # per bucket sync: reads that do not wait see the previous step
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def _batch(step: int, rank: int) -> torch.Tensor:

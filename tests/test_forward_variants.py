@@ -12,12 +12,12 @@ both modes and with ZeRO-2."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
 import torch.nn as nn
-from dist_utils import run_ranks
+from dist_utils import run_ranks, tiny_llama
 from torch.utils.checkpoint import checkpoint
 
 WORLD = 2
@@ -69,48 +69,20 @@ def _loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
 
 
-def _model(how: str) -> tuple[Net, torch.optim.Optimizer]:
+def _model(how: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = Net(how)
     # SGD: sensitive to the gradient's scale, which Adam all but normalises away
     return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
 
 
-def _train(rank: int, variant: str, how: str) -> dict[str, torch.Tensor]:
-    import zerocomm
-
-    model, opt = _model(how)
-    zero2 = variant == "zero2"
-    zopt = zerocomm.attach(model, opt, mode="allgather" if zero2 else variant, bucket_mb=0.001, shard_grads=zero2)
-    for step in range(STEPS):
-        _loss(model, step, rank).backward()
-        zopt.step()
-        zopt.zero_grad()
-    zopt.synchronize()
-    out = {n: p.detach().clone() for n, p in model.named_parameters()}
-    zopt.close()
-    return out
-
-
-def _hf_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    model = LlamaForCausalLM(cfg)
+def _hf_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = tiny_llama()
     # the name newer transformers use; gradient_checkpointing_enable before it
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     model.train()
-    return model
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
 def _hf_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
@@ -119,15 +91,18 @@ def _hf_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-def _train_hf(rank: int, variant: str) -> dict[str, torch.Tensor]:
+Build = Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
+Loss = Callable[[nn.Module, int, int], torch.Tensor]
+
+
+def _train(rank: int, variant: str, build: Build, loss: Loss, **attach: Any) -> dict[str, torch.Tensor]:
     import zerocomm
 
-    model = _hf_llama()
+    model, opt = build()
     zero2 = variant == "zero2"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    zopt = zerocomm.attach(model, opt, mode="allgather" if zero2 else variant, shard_grads=zero2)
+    zopt = zerocomm.attach(model, opt, mode="allgather" if zero2 else variant, shard_grads=zero2, **attach)
     for step in range(STEPS):
-        _hf_loss(model, step, rank).backward()
+        loss(model, step, rank).backward()
         zopt.step()
         zopt.zero_grad()
     zopt.synchronize()
@@ -141,9 +116,9 @@ def _job(rank: int, world: int, hf: bool) -> dict[Any, dict[str, torch.Tensor]]:
     out: dict[Any, dict[str, torch.Tensor]] = {}
     for variant in VARIANTS:
         for how in HOW:
-            out[variant, how] = _train(rank, variant, how)
+            out[variant, how] = _train(rank, variant, functools.partial(_model, how), _loss, bucket_mb=0.001)
         if hf:
-            out[variant, "hf"] = _train_hf(rank, variant)
+            out[variant, "hf"] = _train(rank, variant, _hf_model, _hf_loss)
     return out
 
 
@@ -160,7 +135,7 @@ def _results() -> list[dict[Any, dict[str, torch.Tensor]]]:
     return run_ranks(_job, WORLD, _has_transformers(), timeout=240)
 
 
-def _reference(build: Any, loss: Any) -> dict[str, torch.Tensor]:
+def _reference(build: Build, loss: Loss) -> dict[str, torch.Tensor]:
     """The plain optimizer, one process, on the mean of the ranks' losses."""
     model, opt = build()
     for step in range(STEPS):
@@ -185,15 +160,10 @@ def _check(key: Any, want: dict[str, torch.Tensor], init: nn.Module) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forward_variants_match_torch(variant: str, how: str) -> None:
     # the reference runs the same forward: checkpointing / autocast must not change the numbers
-    _check((variant, how), _reference(lambda: _model(how), _loss), _model(how)[0])
+    _check((variant, how), _reference(functools.partial(_model, how), _loss), _model(how)[0])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_gradient_checkpointing_matches_torch(variant: str) -> None:
     pytest.importorskip("transformers")
-
-    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = _hf_llama()
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-
-    _check((variant, "hf"), _reference(build, _hf_loss), _hf_llama())
+    _check((variant, "hf"), _reference(_hf_model, _hf_loss), _hf_model()[0])
